@@ -1,0 +1,165 @@
+"""The ``batchinfer`` command line: submit, status, collect and the embedded run.
+
+This module never imports TensorFlow (``run`` imports it only when it starts working), so the
+producer commands start fast on machines without a GPU stack. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from producer.config import add_model_options, model_spec_from_args
+from producer.sources import Filters
+from workers import __version__
+from workers.contract import SINKS, OutputSpec
+from workers.errors import BatchInferError, ConfigError
+
+PROG = "batchinfer"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors as one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image folder (scanned recursively), image file, or manifest (.txt, .csv/.parquet with uri)")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching GLOB")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching GLOB")
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard/task (default 256)")
+
+
+def _broker_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="Redis URL of the broker and job state "
+                   "(default: $BATCHINFER_BROKER_URL or redis://localhost:6379/0)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Batch classification and feature extraction with Keras models, "
+                    "on one machine (run) or on Celery workers (submit, status, collect).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("run", help="process images in this process, no servers needed")
+    _source_options(p)
+    add_model_options(p)
+    p.add_argument("--output", "-o", required=True, help="result file (.parquet, .csv or .jsonl)")
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no results table")
+
+    p = sub.add_parser("submit", help="enqueue shards for Celery workers; prints the job id last")
+    _source_options(p)
+    add_model_options(p)
+    p.add_argument("--output", "-o", help="folder for the per-shard Parquet files (parquet sink)")
+    p.add_argument("--sink", choices=SINKS, default="parquet", help="parquet (default) or redis")
+    p.add_argument("--ttl", type=int, default=0, help="expiry in seconds of Redis sink rows (0: never)")
+    p.add_argument("--job-id", help="name the job (default: a new timestamped id)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _broker_option(p)
+
+    p = sub.add_parser("status", help="progress of a job")
+    p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--watch", "-w", action="store_true", help="live progress bar until the job finishes")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    _broker_option(p)
+
+    p = sub.add_parser("collect", help="gather a job's rows into one file")
+    p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--output", "-o", required=True, help="result file")
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish, with a progress bar")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--allow-partial", action="store_true", help="write what is done; warn about the rest")
+    _broker_option(p)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from producer.collect import format_for
+    from producer.embedded import results_table, run
+
+    spec = model_spec_from_args(args)
+    filters = Filters(tuple(args.include), tuple(args.exclude))
+    fmt = format_for(args.output, args.format)
+    _, rows = run(args.sources, spec, args.output, fmt=fmt, filters=filters, shard_size=args.shard_size,
+                  progress=not args.quiet)
+    if not args.quiet:
+        print(results_table(args.output, fmt))
+    print(f"wrote {rows} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from producer.submit import settings_with_broker, submit
+
+    spec = model_spec_from_args(args, weights_must_exist=False)
+    if spec.weights not in ("imagenet", "none") and not os.path.isfile(spec.weights):
+        print(f"{PROG}: warning: {spec.weights} is not on this machine; workers must have it", file=sys.stderr)
+    if args.sink == "parquet" and not args.output:
+        raise ConfigError("the parquet sink needs --output DIR (or use --sink redis)")
+    if args.shard_size < 1:
+        raise ConfigError("--shard-size must be at least 1")
+    output = OutputSpec(sink=args.sink, path=os.path.abspath(args.output) if args.output else None, ttl=args.ttl)
+    filters = Filters(tuple(args.include), tuple(args.exclude))
+    job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
+                    shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet)
+    print(job_id)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from producer.collect import get_job, wait_for
+    from producer.jobs import connect_store
+    from producer.status import print_status
+    from producer.submit import settings_with_broker
+    from workers.jobstate import FAILED
+
+    store = connect_store(settings_with_broker(args.broker).state_url)
+    job = wait_for(store, args.job_id, interval=args.interval) if args.watch else get_job(store, args.job_id)
+    print_status(job)
+    return 1 if args.watch and job.count(FAILED) else 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from producer.collect import collect
+    from producer.jobs import connect_store
+    from producer.submit import settings_with_broker
+
+    settings = settings_with_broker(args.broker)
+    store = connect_store(settings.state_url)
+    redis_client = None
+    job = store.get_job(args.job_id)
+    if job is not None and job.spec["output"]["sink"] == "redis":
+        redis_client = connect_store(settings.redis_sink_url).client
+    started = time.monotonic()
+    rows = collect(store, args.job_id, args.output, args.format, wait=args.wait, allow_partial=args.allow_partial,
+                   timeout=args.timeout, redis_client=redis_client)
+    print(f"collected {rows} rows into {args.output} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BatchInferError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``batchinfer collect``: gather every row of a job, shard by shard, into one file.
+
+Rows are streamed (one shard in memory at a time) into a temporary file that is renamed into place.
+Missing or failed shards make it fail and say which, unless partial output is allowed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from workers import keys
+from workers.contract import OutputSpec
+from workers.errors import BatchInferError, ConfigError
+from workers.jobstate import DONE, FAILED, JobState
+from workers.schema import output_schema, read_job_metadata, with_job_metadata
+from workers.sinks.parquet import read_shard, shard_uri
+from workers.storage import storage_for
+
+FORMATS = ("parquet", "csv", "jsonl")
+
+
+class IncompleteJob(BatchInferError):
+    """Some shards are missing or failed."""
+
+
+def format_for(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    lower = path.lower()
+    for suffix, name in ((".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl")):
+        if lower.endswith(suffix):
+            return name
+    return "parquet"
+
+
+def wait_for(store: Any, job_id: str, interval: float = 1.0, timeout: float | None = None,
+             progress: bool = True) -> JobState:
+    """Poll until every shard is done or failed, with a progress bar on stderr."""
+    job = get_job(store, job_id)
+    bar = tqdm(total=job.images_total, desc=f"job {job_id}", unit="img", file=sys.stderr, disable=not progress)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            if job.images_total is not None and bar.total != job.images_total:
+                bar.total = job.images_total
+            bar.n = job.images_done
+            bar.set_postfix(failed=job.count(FAILED), refresh=False)
+            bar.refresh()
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise IncompleteJob(f"job {job_id} not finished after {timeout:g}s")
+            time.sleep(interval)
+            job = get_job(store, job_id)
+    finally:
+        bar.close()
+
+
+def get_job(store: Any, job_id: str) -> JobState:
+    job = store.get_job(job_id)
+    if job is None:
+        raise ConfigError(f"unknown job {job_id!r}")
+    return job
+
+
+def check_complete(job: JobState) -> list[str]:
+    """Human descriptions of every shard that is not done (empty when the job is complete)."""
+    problems = []
+    if not job.submitted:
+        problems.append("submission did not finish (the producer stopped before enqueuing every shard)")
+    total = job.shards_total if job.shards_total is not None else (max(job.shards, default=-1) + 1)
+    for shard_id in range(total):
+        state = job.shards.get(shard_id, {})
+        if state.get("state") == DONE:
+            continue
+        why = state.get("reason") or state.get("state") or "missing"
+        problems.append(f"shard-{shard_id:06d}: {state.get('state', 'missing')}"
+                        + (f" ({why})" if state.get("state") == FAILED else ""))
+    return problems
+
+
+def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None) -> Iterator[pa.Table]:
+    """Each done shard's rows, in shard order."""
+    for shard_id in sorted(i for i, s in job.shards.items() if s.get("state") == DONE):
+        if output.sink == "parquet":
+            yield read_shard(shard_uri(output.path or "", shard_id))
+        else:
+            yield _redis_shard(job, shard_id, redis_client)
+
+
+def _redis_shard(job: JobState, shard_id: int, client: Any) -> pa.Table:
+    from workers.sinks.redis import decode_row
+
+    spec = job.spec["model"]
+    row_keys = client.lrange(keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for key in row_keys:
+        pipe.hgetall(key)
+    raws = pipe.execute()
+    dim = None
+    if spec["task"] == "features":
+        dim = next((len(r[b"features"]) // 4 for r in raws if b"features" in r), 1)
+    schema = output_schema(spec["task"], spec["top_k"], dim)
+    rows = [decode_row(raw, schema) for raw in raws]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class _ParquetOut:
+    def __init__(self, path: str, metadata: dict[str, Any] | None) -> None:
+        self.path, self.metadata, self.writer = path, metadata, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            schema = table.schema
+            if self.metadata is not None:
+                schema = with_job_metadata(schema.remove_metadata(), self.metadata)
+            self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _TextOut:
+    """CSV (list columns as JSON text) or JSON Lines."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.fh) if fmt == "csv" else None
+        self.header = False
+
+    def write(self, table: pa.Table) -> None:
+        if self.csv is not None and not self.header:
+            self.csv.writerow(table.column_names)
+            self.header = True
+        for row in table.to_pylist():
+            if self.csv is not None:
+                self.csv.writerow([json.dumps(v) if isinstance(v, list) else v for v in row.values()])
+            else:
+                self.fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def write_tables(tables: Iterable[pa.Table], path: str, fmt: str, metadata: dict[str, Any] | None = None) -> int:
+    """Stream tables into ``path`` atomically (temporary name, then rename); return the row count."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    rows = 0
+    with storage_for(path).open_atomic(path) as target:
+        out = _ParquetOut(target.path, metadata) if fmt == "parquet" else _TextOut(target.path, fmt)
+        try:
+            for table in tables:
+                out.write(table)
+                rows += table.num_rows
+        finally:
+            out.close()
+    return rows
+
+
+def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait: bool = False,
+            allow_partial: bool = False, timeout: float | None = None, redis_client: Any = None,
+            progress: bool = True) -> int:
+    """Gather a job's rows into ``path``; return the row count. See the module docstring."""
+    job = wait_for(store, job_id, timeout=timeout, progress=progress) if wait else get_job(store, job_id)
+    problems = check_complete(job)
+    if problems and not allow_partial:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise IncompleteJob(f"job {job_id} is incomplete: {shown} (use --wait or --allow-partial)")
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    output = OutputSpec.from_dict(job.spec["output"])
+    tables = shard_tables(job, output, redis_client)
+    first = next(tables, None)
+    if first is None:
+        raise IncompleteJob(f"job {job_id} has no completed shards")
+    metadata = {k: v for k, v in read_job_metadata(first.schema).items() if k != "shard_id"} or None
+    return write_tables(chain([first], tables), path, format_for(path, fmt), metadata)

@@ -1,0 +1,85 @@
+"""``batchinfer run``: submit, work and collect in one process, with no Redis server.
+
+It drives the same ``run_shard`` function and Parquet sink as a cluster worker, with the job state
+in memory and the shard files in a temporary folder that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+from tqdm import tqdm
+
+from producer.collect import collect
+from producer.jobs import new_job_id
+from producer.shards import shards
+from producer.sources import Filters, check_sources, iter_uris
+from workers.contract import ModelSpec, OutputSpec, ShardTask
+from workers.errors import SourceError
+from workers.jobstate import MemoryJobStore
+from workers.settings import Settings
+
+
+def run(
+    sources: list[str], model: ModelSpec, output: str, *, fmt: str | None = None, filters: Filters = Filters(),
+    shard_size: int = 256, progress: bool = True, allow_partial: bool = False,
+) -> tuple[str, int]:
+    """Process every image of ``sources`` into ``output``; return (job id, rows written)."""
+    check_sources(sources)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+    from workers.models.loader import PredictorCache
+    from workers.pipeline import run_shard
+
+    settings = Settings.from_env()
+    store = MemoryJobStore()
+    job_id = new_job_id()
+    cache = PredictorCache(maxsize=1)
+    workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
+    out_spec = OutputSpec(sink="parquet", path=workdir)
+    store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
+    bar = tqdm(desc="run", unit="img", file=sys.stderr, disable=not progress)
+    n_shards = count = 0
+    try:
+        for shard_id, chunk in shards(iter_uris(sources, filters), shard_size):
+            store.add_shard(job_id, shard_id, len(chunk))
+            task = ShardTask(job_id, shard_id, chunk, model, out_spec)
+            run_shard(task, store, cache.get, settings)
+            n_shards, count = n_shards + 1, count + len(chunk)
+            bar.update(len(chunk))
+        if not n_shards:
+            raise SourceError(f"no images found in {' '.join(sources)}")
+        store.finish_submit(job_id, n_shards, count)
+        rows = collect(store, job_id, output, fmt, allow_partial=allow_partial, progress=False)
+    finally:
+        bar.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return job_id, rows
+
+
+def results_table(path: str, fmt: str, limit: int = 50) -> str:
+    """A short text table of the output (top-1 label and score, or feature size, or the error)."""
+    import pandas as pd
+
+    frame: Any
+    if fmt == "parquet":
+        frame = pd.read_parquet(path)
+    elif fmt == "csv":
+        frame = pd.read_csv(path)
+    else:
+        frame = pd.read_json(path, lines=True)
+    frame = frame.assign(file=frame["uri"].map(os.path.basename))
+    if "label" in frame:
+        cols = ["file", "label", "score", "error"]
+    else:
+        frame = frame.assign(features=frame["features"].map(lambda v: "-" if v is None else f"{len(v)} floats"))
+        cols = ["file", "features", "error"]
+    frame = frame[cols].fillna("")
+    text = frame.head(limit).to_string(index=False)
+    if len(frame) > limit:
+        text += f"\n... {len(frame) - limit} more rows in {path}"
+    return text

@@ -1,0 +1,194 @@
+"""Contract tests for the deployment files (the dev box has no Docker engine, so we parse them)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+REDIS_CONF = ROOT / "infra" / "redis.conf"
+DOCKERFILES = sorted((ROOT / "infra").glob("Dockerfile*"))
+
+# `${REDIS_PASSWORD}`, optionally with a `:?message` / `-default`-style modifier.
+PASSWORD_VAR = re.compile(r"^\$\{REDIS_PASSWORD(?::?[?-][^}]*)?\}$")
+BROKER_URL = "redis://:${REDIS_PASSWORD}@redis:6379/0"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def _argv(value) -> list[str]:
+    """A compose command/entrypoint (string or list) as a list of words."""
+    if value is None:
+        return []
+    return value.split() if isinstance(value, str) else [str(v) for v in value]
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _redis_conf() -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    for line in REDIS_CONF.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition(" ")
+            directives.setdefault(key.lower(), []).append(value.strip())
+    return directives
+
+
+def test_services_exist(services):
+    assert {"redis", "worker", "flower", "producer"} <= set(services)
+
+
+def test_redis_conf_persistence_and_noeviction(services):
+    conf = _redis_conf()
+    assert conf.get("appendonly") == ["yes"]
+    assert conf.get("appendfsync") == ["everysec"]
+    assert conf.get("maxmemory-policy") == ["noeviction"]
+    assert conf.get("dir") == ["/data"]
+    assert "requirepass" not in conf, "the password must come from the environment, not the file"
+
+    redis = services["redis"]
+    argv = _argv(redis["command"])
+    assert argv[0] == "redis-server"
+    conf_path = argv[1]
+    mounts = [str(v).split(":") for v in redis["volumes"]]
+    assert any((ROOT / src).resolve() == REDIS_CONF and dst == conf_path for src, dst, *_ in mounts), (
+        f"infra/redis.conf must be mounted at {conf_path}"
+    )
+    assert any(dst == "/data" for _, dst, *_ in mounts)
+
+
+def test_redis_password_from_environment(services):
+    redis = services["redis"]
+    argv = _argv(redis["command"])
+    assert "--requirepass" in argv
+    assert PASSWORD_VAR.match(argv[argv.index("--requirepass") + 1])
+    health = " ".join(_argv(redis["healthcheck"]["test"]))
+    assert "redis-cli" in health and "ping" in health and "REDIS_PASSWORD" in health
+
+
+def test_no_literal_password_committed():
+    for path in [COMPOSE, REDIS_CONF, ROOT / ".dockerignore", *DOCKERFILES]:
+        text = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+        for secret in re.findall(r"redis://:([^@\s]*)@", text):
+            assert PASSWORD_VAR.match(secret), f"{path.name}: literal password in broker URL"
+        for secret in re.findall(r"requirepass[\s\"'=-]+(\$\{[^}]*\}|[^\s\"']+)", text):
+            assert PASSWORD_VAR.match(secret), f"{path.name}: literal requirepass {secret!r}"
+
+
+def test_worker_reserves_gpu_and_runs_celery(services):
+    worker = services["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
+        and (d.get("count") == 1 or d.get("device_ids"))
+        for d in devices
+    )
+    assert "celery -A workers worker" in " ".join(_argv(worker["command"]))
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["restart"] == "unless-stopped"
+    volumes = [str(v) for v in worker["volumes"]]
+    assert "./data:/data" in volumes
+    assert "keras-cache:/home/app/.keras" in volumes
+
+
+def test_producer_profile_and_entrypoint(services):
+    producer = services["producer"]
+    assert "producer" in producer["profiles"]
+    assert _argv(producer["entrypoint"]) == ["batchinfer"]
+    assert _argv(producer["command"])[0] == "submit"
+    assert "./data:/data" in [str(v) for v in producer["volumes"]]
+
+
+def test_build_dockerfiles_exist_under_infra(services):
+    built = {}
+    for name, svc in services.items():
+        if "build" not in svc:
+            continue
+        build = svc["build"]
+        context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+        dockerfile = (
+            context / (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile")
+        ).resolve()
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+        assert dockerfile.parent == ROOT / "infra", f"{name}: Dockerfile must live under infra/"
+        built[name] = dockerfile.name
+    assert built.get("worker") == "Dockerfile.gpu"
+    assert built.get("producer") == "Dockerfile"
+
+
+def test_flower_exposes_5555(services):
+    flower = services["flower"]
+    container_ports = set()
+    for port in flower["ports"]:
+        if isinstance(port, dict):
+            container_ports.add(str(port["target"]))
+        else:
+            container_ports.add(str(port).split("/")[0].rsplit(":", 1)[-1])
+    assert "5555" in container_ports
+    assert "--port=5555" in _argv(flower["command"])
+
+
+def test_broker_urls_use_password_variable(services):
+    assert _env(services["worker"])["BATCHINFER_BROKER_URL"] == BROKER_URL
+    assert _env(services["producer"])["BATCHINFER_BROKER_URL"] == BROKER_URL
+    assert f"--broker={BROKER_URL}" in _argv(services["flower"]["command"])
+
+
+def test_named_volumes_declared(compose):
+    assert {"redis-data", "keras-cache"} <= set(compose["volumes"])
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())  # join continuation lines
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_from_nonroot_user_and_cmd(path):
+    instr = _instructions(path)
+    assert instr and instr[0][0] in {"FROM", "ARG"}
+    assert any(op == "FROM" for op, _ in instr)
+    users = [rest for op, rest in instr if op == "USER"]
+    assert users, f"{path.name}: no USER"
+    assert users[-1].split(":")[0] not in {"root", "0"}, f"{path.name}: runs as root"
+    assert any(op == "RUN" and "pip install ." in rest for op, rest in instr)
+    assert ("WORKDIR", "/app") in instr
+    cmd = [rest for op, rest in instr if op == "CMD"]
+    assert cmd, f"{path.name}: no CMD"
+    argv = json.loads(cmd[-1])
+    assert argv[:4] == ["celery", "-A", "workers", "worker"]
+
+
+def test_dockerfile_set_is_complete():
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile", "Dockerfile.gpu"}
+    assert "python:3.11-slim" in (ROOT / "infra" / "Dockerfile").read_text()
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".venv", ".git", "tests/data/generated"):
+        assert entry in ignore

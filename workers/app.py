@@ -1,0 +1,53 @@
+"""The Celery app: JSON-only messages, late acks, one task at a time per process.
+
+Every setting can be overridden from the environment: ``BATCHINFER_CELERY_<SETTING>`` (value parsed
+as JSON when it parses, e.g. ``BATCHINFER_CELERY_WORKER_CONCURRENCY=2``), besides the
+``BATCHINFER_*`` variables of ``workers.settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from celery import Celery
+
+from workers.contract import TASK_NAME
+from workers.settings import Settings
+
+ENV_PREFIX = "BATCHINFER_CELERY_"
+
+
+def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict[str, object]:
+    env = dict(os.environ if env is None else env)
+    config: dict[str, object] = {
+        "broker_url": settings.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,  # a shard is acknowledged only after its output is committed
+        "task_reject_on_worker_lost": True,  # a killed worker's shard goes back to the queue
+        "worker_prefetch_multiplier": 1,  # never hold shards another idle worker could run
+        "worker_concurrency": 1,  # one process per GPU; TensorFlow already uses every CPU core
+        "task_ignore_result": True,  # progress lives in the job state, not in a result backend
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,  # Flower shows running shards
+    }
+    for name, raw in env.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            try:
+                value: object = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            config[name[len(ENV_PREFIX):].lower()] = value
+    return config
+
+
+app = Celery("batchinfer", include=["workers.tasks"])
+app.conf.update(celery_config(Settings.from_env()))

@@ -1,0 +1,175 @@
+"""Process one shard: read -> decode -> predict -> write, each stage timed.
+
+Reading and decoding run on a thread pool (Pillow and file I/O release the GIL) and stay up to
+``prefetch`` batches ahead of the model, so the next batch is ready while the current one runs.
+``process_shard`` is a plain function: the Celery task and the embedded ``batchinfer run`` both
+call it through ``run_shard``, which records the shard's state around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers import __version__
+from workers.contract import ShardTask
+from workers.decode import DECODERS, Decoded
+from workers.errors import DecodeError
+from workers.jobstate import DONE, FAILED, PENDING, RUNNING, worker_name
+from workers.schema import build_batch, output_schema, with_job_metadata
+from workers.settings import Settings
+from workers.sinks import open_sink
+from workers.storage import storage_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced, and where its time went (seconds per stage)."""
+
+    job_id: str
+    shard_id: int
+    images: int
+    errors: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Loaded:
+    uri: str
+    image: Decoded | None
+    error: str | None
+    seconds: float
+
+
+def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int]) -> _Loaded:
+    """Read and decode one image; any failure becomes that image's error, never the shard's."""
+    start = time.perf_counter()
+    try:
+        data = storage_for(uri).read(uri)
+    except FileNotFoundError:
+        return _Loaded(uri, None, "file not found", time.perf_counter() - start)
+    except OSError as exc:
+        return _Loaded(uri, None, f"cannot read: {exc.strerror or exc}", time.perf_counter() - start)
+    try:
+        image = decode(data, size)
+    except DecodeError as exc:
+        return _Loaded(uri, None, str(exc), time.perf_counter() - start)
+    return _Loaded(uri, image, None, time.perf_counter() - start)
+
+
+def prefetched_batches(
+    uris: Sequence[str], batch_size: int, load: Callable[[str], _Loaded], pool: ThreadPoolExecutor,
+    prefetch: int = 2,
+) -> Iterator[list[_Loaded]]:
+    """Yield loaded batches in input order, keeping ``prefetch`` batches in flight (bounded memory)."""
+    chunks = (uris[i:i + batch_size] for i in range(0, len(uris), batch_size))
+    pending: deque[list[Future[_Loaded]]] = deque()
+    for chunk in chunks:
+        pending.append([pool.submit(load, uri) for uri in chunk])
+        if len(pending) > prefetch:
+            yield [f.result() for f in pending.popleft()]
+    while pending:
+        yield [f.result() for f in pending.popleft()]
+
+
+def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
+    spec = task.model
+    return {
+        "job_id": task.job_id,
+        "shard_id": task.shard_id,
+        "model": predictor.arch.name,
+        "weights": spec.weights,
+        "weights_fingerprint": predictor.fingerprint,
+        "task": spec.task,
+        "layer": spec.layer,
+        "pooling": spec.pooling if spec.task == "features" else None,
+        "input_size": list(predictor.input_hw),
+        "decode": spec.decode,
+        "top_k": spec.top_k if spec.task == "classify" else None,
+        "feature_dim": predictor.feature_dim,
+        "batchinfer_version": __version__,
+    }
+
+
+def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None) -> ShardResult:
+    """Run one shard through ``predictor`` into its sink; return counts and stage timings."""
+    settings = settings or Settings.from_env()
+    spec = task.model
+    decode = DECODERS[spec.decode]
+    size = predictor.input_hw
+    schema = with_job_metadata(
+        output_schema(spec.task, spec.top_k, predictor.feature_dim), job_metadata(task, predictor)
+    )
+    timings = {"read_decode": 0.0, "wait": 0.0, "predict": 0.0, "write": 0.0}
+    images = errors = 0
+    start = time.perf_counter()
+
+    def load(uri: str) -> _Loaded:
+        return _load(uri, decode, size)
+
+    with open_sink(task, schema, settings) as sink, ThreadPoolExecutor(settings.io_threads) as pool:
+        batches = prefetched_batches(task.uris, spec.batch_size, load, pool)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            timings["wait"] += time.perf_counter() - t0
+            if batch is None:
+                break
+            ok = [i for i, item in enumerate(batch) if item.image is not None]
+            outputs: dict[str, np.ndarray] = {}
+            if ok:
+                t0 = time.perf_counter()
+                x = predictor.preprocess(np.stack([batch[i].image.array for i in ok]))  # type: ignore[union-attr]
+                outputs = predictor.predict(x)
+                timings["predict"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
+            rows = build_batch(
+                schema, [b.uri for b in batch], [b.error for b in batch], sizes, ok, outputs, predictor.labels
+            )
+            sink.write(rows)
+            timings["write"] += time.perf_counter() - t0
+            timings["read_decode"] += sum(b.seconds for b in batch)
+            images += len(batch)
+            errors += len(batch) - len(ok)
+        t0 = time.perf_counter()
+    timings["write"] += time.perf_counter() - t0  # the sink's commit
+    timings["total"] = time.perf_counter() - start
+    log.info(
+        "job %s %s: %d images, %d errors in %.2fs (%s)", task.job_id, task.name, images, errors,
+        timings["total"], ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
+    )
+    return ShardResult(task.job_id, task.shard_id, images, errors, timings)
+
+
+def run_shard(
+    task: ShardTask, store: Any, get_predictor: Callable[[Any], Any], settings: Settings | None = None,
+    final_attempt: bool = True,
+) -> ShardResult:
+    """``process_shard`` with its state recorded: running, then done (after the commit) or failed.
+
+    A failure on an attempt that will be retried leaves the shard pending, with the reason.
+    """
+    started = time.time()
+    store.update_shard(task.job_id, task.shard_id, RUNNING, started=started, worker=worker_name())
+    try:
+        predictor = get_predictor(task.model)
+        result = process_shard(task, predictor, settings)
+    except BaseException as exc:
+        state = FAILED if final_attempt else PENDING
+        store.update_shard(task.job_id, task.shard_id, state, reason=f"{type(exc).__name__}: {exc}")
+        raise
+    store.update_shard(
+        task.job_id, task.shard_id, DONE, images=result.images, errors=result.errors,
+        started=started, finished=time.time(), seconds=round(result.timings["total"], 3),
+    )
+    return result

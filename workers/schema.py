@@ -1,0 +1,100 @@
+"""The output schema (a contract) and the builder that turns one batch into Arrow rows.
+
+Every input image yields exactly one row. Failed images keep ``uri`` and ``error`` and have nulls
+elsewhere. Job metadata goes into the Parquet key-value metadata under the key ``batchinfer``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"batchinfer"
+
+
+def output_schema(task: str, top_k: int = 5, feature_dim: int | None = None) -> pa.Schema:
+    fields = [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+    if task == "classify":
+        fields += [
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("top_k_indices", pa.list_(pa.int32())),
+            pa.field("top_k_labels", pa.list_(pa.string())),
+            pa.field("top_k_scores", pa.list_(pa.float32())),
+        ]
+    elif task == "features":
+        if not feature_dim:
+            raise ValueError("features output needs a feature dimension")
+        fields.append(pa.field("features", pa.list_(pa.float32(), feature_dim)))
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return pa.schema(fields)
+
+
+def with_job_metadata(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
+    return schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def read_job_metadata(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def build_batch(
+    schema: pa.Schema,
+    uris: Sequence[str],
+    errors: Sequence[str | None],
+    sizes: Sequence[tuple[int, int] | None],
+    ok: Sequence[int],
+    outputs: dict[str, np.ndarray],
+    labels: Sequence[str] | None = None,
+) -> pa.RecordBatch:
+    """Rows for one batch; ``ok`` lists the positions that went through the model, in order."""
+    n = len(uris)
+    columns: dict[str, Any] = {
+        "uri": pa.array(list(uris), pa.string()),
+        "error": pa.array(list(errors), pa.string()),
+        "width": pa.array([s[0] if s else None for s in sizes], pa.int32()),
+        "height": pa.array([s[1] if s else None for s in sizes], pa.int32()),
+    }
+    names = schema.names
+    if "label" in names:
+        idx: list[Any] = [None] * n
+        scores: list[Any] = [None] * n
+        for row, pos in enumerate(ok):
+            idx[pos] = outputs["top_k_indices"][row].tolist()
+            scores[pos] = outputs["top_k_scores"][row].tolist()
+        lab = [[labels[i] for i in r] if r is not None and labels else None for r in idx]
+        columns["label"] = pa.array([r[0] if r else None for r in lab], pa.string())
+        columns["score"] = pa.array([s[0] if s else None for s in scores], pa.float32())
+        columns["top_k_indices"] = pa.array(idx, pa.list_(pa.int32()))
+        columns["top_k_labels"] = pa.array(lab, pa.list_(pa.string()))
+        columns["top_k_scores"] = pa.array(scores, pa.list_(pa.float32()))
+    if "features" in names:
+        ftype = schema.field("features").type
+        dim = ftype.list_size
+        flat = np.zeros((n, dim), dtype=np.float32)
+        if ok:
+            flat[list(ok)] = outputs["features"]
+        mask = np.ones(n, dtype=bool)
+        mask[list(ok)] = False
+        values = pa.array(flat.reshape(-1), pa.float32())
+        arr = pa.FixedSizeListArray.from_arrays(values, dim)
+        columns["features"] = _null_where(arr, mask) if mask.any() else arr
+    return pa.RecordBatch.from_arrays([columns[name] for name in names], schema=schema)
+
+
+def _null_where(arr: pa.FixedSizeListArray, mask: np.ndarray) -> pa.Array:
+    """Same values with nulls at ``mask`` (without a round trip through Python lists)."""
+    import pyarrow.compute as pc
+
+    return pc.if_else(pa.array(mask), pa.nulls(len(arr), arr.type), arr)

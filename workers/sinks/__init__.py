@@ -1,0 +1,35 @@
+"""Sinks: where a shard's rows go. One module per sink, chosen by name through a small registry.
+
+A sink is built as ``Sink(task, schema, settings)`` and used as a context manager:
+``write(batch)`` for each Arrow record batch, ``close()`` to commit. Leaving the ``with`` block with
+an exception calls ``abort()`` instead, so a crash never leaves half-written output. Committing is
+idempotent per shard: re-running a shard replaces its rows, never duplicates them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+SINKS = {
+    "parquet": "workers.sinks.parquet:ParquetSink",
+    "redis": "workers.sinks.redis:RedisSink",
+}
+
+
+def sink_class(name: str) -> Any:
+    target = SINKS.get(name)
+    if target is None:
+        from workers.errors import ConfigError
+
+        close = difflib.get_close_matches(name, list(SINKS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown sink {name!r}{hint} (known: {', '.join(SINKS)})")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def open_sink(task: Any, schema: Any, settings: Any) -> Any:
+    """Build the sink named by ``task.output.sink``."""
+    return sink_class(task.output.sink)(task, schema, settings)

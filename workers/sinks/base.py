@@ -1,0 +1,32 @@
+"""The sink interface: ``write(batch)``, ``close()``, ``abort()`` and a context manager."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import pyarrow as pa
+
+
+class Sink:
+    """Base class; subclasses implement ``write``, ``close`` and ``abort``."""
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Commit every row written so far as this shard's complete output."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Discard uncommitted rows; the shard's previous output (if any) stays as it was."""
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,70 @@
+"""Local filesystem storage: plain paths and ``file://`` URIs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def to_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+class AtomicFile:
+    """A local temporary path that becomes ``final`` on ``commit()`` and vanishes on ``discard()``."""
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        folder = os.path.dirname(os.path.abspath(final))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+
+    def commit(self) -> None:
+        os.chmod(self.path, _FILE_MODE)  # mkstemp makes 0600; give the result the usual mode
+        os.replace(self.path, self.final)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class LocalStorage:
+    """Reads, lists and atomically writes local files."""
+
+    def read(self, uri: str) -> bytes:
+        with open(to_path(uri), "rb") as fh:
+            return fh.read()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        for dirpath, dirnames, filenames in os.walk(to_path(prefix)):
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield os.path.join(dirpath, name)
+
+    def exists(self, uri: str) -> bool:
+        return os.path.exists(to_path(uri))
+
+    def open_atomic(self, uri: str) -> AtomicFile:
+        """Write to a hidden temporary name in the same folder; ``commit()`` renames it over ``uri``."""
+        return AtomicFile(to_path(uri))
