@@ -5,6 +5,7 @@
     batchinfer:job:{job}:shards             hash: shard id -> JSON state (pending/running/done/failed, counts)
     batchinfer:job:{job}:rows:{shard}       list: the image keys a shard wrote (Redis sink), in input order
     batchinfer:job:{job}:img:{uri}          hash: one image's row (Redis sink)
+    batchinfer:job:{job}:staging:{shard}:{attempt}:{n}   hash: a row not yet committed (expires in a day)
 """
 
 PREFIX = "batchinfer"
@@ -28,3 +29,7 @@ def shard_rows(job_id: str, shard: str) -> str:
 
 def image(job_id: str, uri: str) -> str:
     return f"{PREFIX}:job:{job_id}:img:{uri}"
+
+
+def staging(job_id: str, shard: str, attempt: str) -> str:
+    return f"{PREFIX}:job:{job_id}:staging:{shard}:{attempt}"

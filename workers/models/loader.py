@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,13 +80,18 @@ class Predictor:
         return {name: value.numpy()[:n] for name, value in out.items()}
 
 
+def keras_cache_dir() -> Path:
+    """Where ``keras.utils.get_file`` keeps downloaded weights (``$KERAS_HOME/models``)."""
+    return Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser()) / "models"
+
+
 def _imagenet_error(arch: Architecture, exc: Exception) -> ConfigError:
     url = re.search(r"https?://\S+?\.h5", str(exc))
     fname = url.group(0).rsplit("/", 1)[-1] if url else "the weights file"
     where = f" from {url.group(0)}" if url else ""
     return ConfigError(
         f"cannot download ImageNet weights for {arch.name}{where}: place {fname} in "
-        f"{Path('~/.keras/models').expanduser()}/ or pass --weights PATH ({type(exc).__name__})"
+        f"{keras_cache_dir()}/ or pass --weights PATH"
     )
 
 
@@ -121,7 +128,9 @@ def load_model(spec: ModelSpec, arch: Architecture, size: int, include_top: bool
     fingerprint = file_fingerprint(str(path))
     full = _build(arch, True, size if include_top else arch.default_size, None)
     try:
-        full.load_weights(str(path))
+        with warnings.catch_warnings():  # a no-top file warns about the missing head before it raises
+            warnings.simplefilter("ignore", UserWarning)
+            full.load_weights(str(path))
     except Exception as full_exc:  # not the full model's weights: try the no-top variant
         if include_top:
             raise ConfigError(
@@ -192,8 +201,9 @@ def build_predictor(spec: ModelSpec) -> Predictor:
 class PredictorCache:
     """A small per-process LRU of warm predictors, keyed by the model spec."""
 
-    def __init__(self, maxsize: int = 2) -> None:
+    def __init__(self, maxsize: int = 2, build: Any = None) -> None:
         self.maxsize = max(1, maxsize)
+        self._build = build or build_predictor
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self.builds = 0
 
@@ -202,7 +212,7 @@ class PredictorCache:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        predictor = build_predictor(spec)
+        predictor = self._build(spec)
         self.builds += 1
         self._items[key] = predictor
         while len(self._items) > self.maxsize:

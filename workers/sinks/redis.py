@@ -3,13 +3,16 @@
 Fields: ``uri``, ``shard``, ``width``, ``height``, ``error`` (only on failure); for classify
 ``label``, ``score`` and ``top_k_indices`` / ``top_k_labels`` / ``top_k_scores`` as JSON lists;
 for features ``features`` as raw little-endian float32 bytes (the layout RediSearch vector fields
-index). ``close()`` atomically replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}``,
-which the collector reads; a re-run overwrites the same keys, so rows are never duplicated.
+index). Rows are first written under staging keys; ``close()`` renames them over the final keys
+and replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}`` in one MULTI/EXEC, so a
+crashed attempt changes nothing and a re-run overwrites the same keys (rows are never duplicated).
+Staging keys expire after a day if a worker dies before it can clean up.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import numpy as np
@@ -23,8 +26,11 @@ from workers.sinks.base import Sink
 FEATURE_DTYPE = np.dtype("<f4")
 
 
+STAGING_TTL = 24 * 3600
+
+
 class RedisSink(Sink):
-    """Writes rows as they come (pipelined), commits the shard's row list at ``close()``."""
+    """Stages rows as they come (pipelined); ``close()`` commits them all at once."""
 
     def __init__(self, task: Any, schema: pa.Schema, settings: Settings | None = None) -> None:
         settings = settings or Settings.from_env()
@@ -33,28 +39,37 @@ class RedisSink(Sink):
         self.shard = task.name
         self.ttl = int(task.output.ttl or 0)
         self.schema = schema
-        self.row_keys: list[str] = []
+        self.staging = keys.staging(self.job_id, self.shard, uuid.uuid4().hex[:12])
+        self.staged: list[tuple[str, str]] = []  # (staging key, final key)
 
     def write(self, batch: pa.RecordBatch) -> None:
         pipe = self.client.pipeline(transaction=False)
         for row in batch.to_pylist():
-            key = keys.image(self.job_id, row["uri"])
-            pipe.delete(key)  # a re-run must not keep stale fields (e.g. an old error)
-            pipe.hset(key, mapping=encode_row(row, self.shard))
-            if self.ttl:
-                pipe.expire(key, self.ttl)
-            self.row_keys.append(key)
+            temp = f"{self.staging}:{len(self.staged)}"
+            pipe.hset(temp, mapping=encode_row(row, self.shard))
+            pipe.expire(temp, STAGING_TTL)
+            self.staged.append((temp, keys.image(self.job_id, row["uri"])))
         pipe.execute()
 
     def close(self) -> None:
         rows_key = keys.shard_rows(self.job_id, self.shard)
         pipe = self.client.pipeline(transaction=True)
+        for temp, final in self.staged:
+            pipe.rename(temp, final)  # replaces the whole hash: no stale fields from an earlier run
+            if self.ttl:
+                pipe.expire(final, self.ttl)
+            else:
+                pipe.persist(final)
         pipe.delete(rows_key)
-        if self.row_keys:
-            pipe.rpush(rows_key, *self.row_keys)
+        if self.staged:
+            pipe.rpush(rows_key, *(final for _, final in self.staged))
             if self.ttl:
                 pipe.expire(rows_key, self.ttl)
         pipe.execute()
+
+    def abort(self) -> None:
+        if self.staged:
+            self.client.delete(*(temp for temp, _ in self.staged))
 
 
 def encode_row(row: dict[str, Any], shard: str) -> dict[str, Any]:

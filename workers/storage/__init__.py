@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 BACKENDS = {
@@ -23,7 +23,7 @@ def scheme_of(uri: str) -> str:
     return head.lower() if sep else "file"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _backend(scheme: str) -> Any:
     target = BACKENDS.get(scheme)
     if target is None:

@@ -1,0 +1,138 @@
+"""Shared fixtures: a real redis-server, real `celery -A workers worker` subprocesses, image folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "tests" / "data" / "photos"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole test session."""
+    import redis
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(up, 20, "redis-server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_client(redis_url: str):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    return client
+
+
+class Worker:
+    """A `celery -A workers worker` subprocess with its log file."""
+
+    def __init__(self, broker: str, log: Path, cwd: Path, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "BATCHINFER_BROKER_URL": broker, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.log = log
+        self.fh = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "1",
+             "--hostname", f"test-{free_port()}@%h", "--without-gossip", "--without-mingle"],
+            cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.proc.poll() is not None or b" ready." in self.log.read_bytes(), 90, "worker")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.fh.close()
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One real worker for a test module, started outside the repository (the installed package)."""
+    folder = tmp_path_factory.mktemp("worker")
+    w = Worker(redis_url, folder / "worker.log", cwd=folder)
+    yield w
+    w.stop()
+
+
+def batchinfer(*args: str, broker: str | None = None, check: bool = True, timeout: float = 600,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run the installed `batchinfer` command line like a user would."""
+    env = dict(os.environ)
+    if broker:
+        env["BATCHINFER_BROKER_URL"] = broker
+    proc = subprocess.run([str(BIN / "batchinfer"), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"batchinfer {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str | None]]:
+    """Real photos mixed with hostile and tricky files; returns (folder, {name: expected error or None})."""
+    from tests.images import make_image_folder
+
+    folder = tmp_path_factory.mktemp("mixed")
+    expected = make_image_folder(folder / "odd")
+    expected = {f"odd/{k}": v for k, v in expected.items()}
+    for photo in sorted(PHOTOS.iterdir()):
+        shutil.copy(photo, folder / photo.name)
+        expected[photo.name] = None
+    return folder, expected

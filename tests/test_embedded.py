@@ -1,0 +1,67 @@
+"""`batchinfer run`: submit, work and collect in one process, with no Redis server."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from tests.conftest import PHOTOS, batchinfer
+from workers.contract import ModelSpec
+from workers.models.loader import PredictorCache
+
+
+def test_run_prints_table_and_writes_one_row_per_file(mixed_folder, tmp_path):
+    folder, expected = mixed_folder
+    out = tmp_path / "result.csv"
+    env_broker = "redis://127.0.0.1:1/0"  # nothing listens there: run must not need a server
+    proc = batchinfer("run", str(folder), "--weights", "none", "--input-size", "96", "--shard-size", "7",
+                      "--output", str(out), broker=env_broker)
+    frame = pd.read_csv(out)
+    assert len(frame) == len(expected) and frame["uri"].is_unique
+    for uri, error in zip(frame["uri"], frame["error"]):
+        want = expected[os.path.relpath(uri, folder)]
+        assert (want is None) == (not isinstance(error, str)), (uri, error)
+        if want:
+            assert want in error.lower()
+    assert "cat.jpg" in proc.stdout and "label" in proc.stdout, "the results table is printed"
+    assert not list(tmp_path.glob(".*")), "no temporary files left next to the output"
+
+
+def test_run_features_parquet_and_jsonl(tmp_path):
+    for name in ("f.parquet", "f.jsonl"):
+        batchinfer("run", str(PHOTOS), "--task", "features", "--model", "resnet50", "--weights", "none",
+                   "--input-size", "64", "--pooling", "max", "--output", str(tmp_path / name), "--quiet")
+    a = pd.read_parquet(tmp_path / "f.parquet")
+    b = pd.read_json(tmp_path / "f.jsonl", lines=True)
+    assert len(a) == len(b) == len(list(PHOTOS.iterdir()))
+    assert {len(v) for v in a["features"]} == {2048}
+    assert list(a["uri"]) == list(b["uri"])
+
+
+def test_imagenet_weights_unavailable_is_one_clear_line(tmp_path):
+    env_keras = {"KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:1",
+                 "HTTP_PROXY": "http://127.0.0.1:1"}
+    old = {k: os.environ.get(k) for k in env_keras}
+    os.environ.update(env_keras)
+    try:
+        proc = batchinfer("run", str(PHOTOS / "cat.jpg"), "--model", "ResNet50", "--weights", "imagenet",
+                          "--output", str(tmp_path / "x.parquet"), "--quiet", check=False)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels.h5" in last and "--weights PATH" in last
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_predictor_cache_is_a_small_lru():
+    built = []
+    cache = PredictorCache(maxsize=2, build=lambda spec: built.append(spec.name) or spec.name)
+    a, b, c = ModelSpec(name="A"), ModelSpec(name="B"), ModelSpec(name="C")
+    assert [cache.get(s) for s in (a, a, b, a, c, a, b)] == ["A", "A", "B", "A", "C", "A", "B"]
+    assert built == ["A", "B", "C", "B"], "A stays warm; B was evicted by C and rebuilt"
