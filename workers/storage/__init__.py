@@ -2,15 +2,16 @@
 
 A backend has ``read(uri) -> bytes``, ``list(prefix) -> Iterator[str]``, ``exists(uri)`` and
 ``open_atomic(uri)``: an object with a local ``path`` to write, ``commit()`` (the file appears at
-``uri`` whole) and ``discard()``; it is also a context manager that commits on success. Schemes map to lazily imported ``"module:Class"`` strings, as kombu's
-transport aliases do, so a backend's heavy dependencies load only when it is used.
+``uri`` whole) and ``discard()``; it is also a context manager that commits on success.
+Schemes map to lazily imported ``"module:Class"`` strings, as kombu's transport aliases do, so a
+backend's heavy dependencies load only when it is used.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
 
 BACKENDS = {
