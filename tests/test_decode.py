@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from images import (
+from PIL import Image, ImageFile
+
+from tests.images import (
     BLUE,
     GRAY16_BANDS,
     GREEN,
@@ -20,8 +22,6 @@ from images import (
     bomb_png,
     make_image_folder,
 )
-from PIL import Image, ImageFile
-
 from workers.decode import DECODERS, decode_fast, decode_keras
 from workers.errors import DecodeError
 
@@ -123,17 +123,23 @@ def test_limits_unchanged_after_decoding(folder):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="decode.py bug: _open() lets OSError from Image.open (file cut inside its headers) escape",
-)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("photo", "keep"), [("cat.jpg", 100), ("motorcycle.png", 20)])
 def test_file_truncated_inside_its_header_is_a_decode_error(mode, photo, keep):
     data = (PHOTOS / photo).read_bytes()[:keep]
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="truncated"):
         DECODERS[mode](data, SIZE)
+
+
+def test_colour_key_transparency_is_white_in_fast_mode():
+    import io
+
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    img.paste((0, 0, 0), (0, 0, 8, 4))
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=(0, 0, 0))  # a tRNS colour key, no alpha channel
+    out = DECODERS["fast"](buf.getvalue(), (8, 8)).array
+    assert (out[:3] == 255).all() and (out[5:] == (10, 20, 30)).all()
 
 
 # --- tricky files: shape, dtype, reported size -------------------------------------------------------
@@ -286,3 +292,18 @@ def test_fast_mode_on_big_jpeg_is_close_to_full_decode(big_jpeg, size):
     assert (decoded.width, decoded.height) == (2048, 2048)
     mad = np.abs(decoded.array - _full_decode(big_jpeg, size)).mean()
     assert mad < 6, mad
+
+
+def test_fast_mode_decodes_big_jpeg_at_reduced_scale(big_jpeg, monkeypatch):
+    resized_from: list[tuple[int, int]] = []
+    original_resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        resized_from.append(self.size)
+        return original_resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    decoded = decode_fast(big_jpeg.read_bytes(), (224, 224))
+    assert decoded.array.shape == (224, 224, 3)
+    # draft() lets libjpeg decode at 1/8 (256x256) instead of handing a 2048x2048 image to resize()
+    assert resized_from and max(max(s) for s in resized_from) <= 512, resized_from

@@ -38,10 +38,12 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise DecodeError("not an image (Pillow cannot identify the file format)") from exc
+    except Exception as exc:  # e.g. a file cut off inside its header: "Truncated File Read"
+        raise DecodeError(_describe(exc)) from exc
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:
         raise DecodeError(
@@ -59,7 +61,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             arr = arr / 257.0  # 0..65535 -> 0..255, as an 8-bit viewer shows a 16-bit image
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # palette or tRNS colour key
         img = img.convert("RGBA")
     if img.mode in _TRANSPARENT_MODES:
         rgba = img.convert("RGBA")
