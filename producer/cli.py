@@ -82,6 +82,17 @@ def build_parser() -> Parser:
     return parser
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    if getattr(args, "shard_size", 1) < 1:
+        raise ConfigError("--shard-size must be at least 1")
+    if getattr(args, "ttl", 0) < 0:
+        raise ConfigError("--ttl must be 0 (never expire) or a number of seconds")
+    if getattr(args, "interval", 1.0) <= 0:
+        raise ConfigError("--interval must be a positive number of seconds")
+    if getattr(args, "timeout", None) is not None and args.timeout <= 0:
+        raise ConfigError("--timeout must be a positive number of seconds")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from producer.collect import format_for
     from producer.embedded import results_table, run
@@ -105,8 +116,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {spec.weights} is not on this machine; workers must have it", file=sys.stderr)
     if args.sink == "parquet" and not args.output:
         raise ConfigError("the parquet sink needs --output DIR (or use --sink redis)")
-    if args.shard_size < 1:
-        raise ConfigError("--shard-size must be at least 1")
     output = OutputSpec(sink=args.sink, path=os.path.abspath(args.output) if args.output else None, ttl=args.ttl)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
@@ -152,10 +161,14 @@ COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "coll
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_common(args)
         return COMMANDS[args.command](args)
     except BatchInferError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except ImportError as exc:  # e.g. `run` on a machine without TensorFlow
+        print(f"{PROG}: error: {exc} (install it: pip install tensorflow)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

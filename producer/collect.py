@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -33,14 +34,18 @@ class IncompleteJob(BatchInferError):
     """Some shards are missing or failed."""
 
 
+EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl",
+              ".ndjson": "jsonl", "": "parquet"}
+
+
 def format_for(path: str, fmt: str | None) -> str:
+    """``--format``, else the file extension (no extension: Parquet); an unknown extension is an error."""
     if fmt:
         return fmt
-    lower = path.lower()
-    for suffix, name in ((".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl")):
-        if lower.endswith(suffix):
-            return name
-    return "parquet"
+    ext = os.path.splitext(path.rstrip("/"))[1].lower()
+    if ext not in EXTENSIONS:
+        raise ConfigError(f"cannot tell the output format of {path}: use .parquet, .csv or .jsonl, or --format")
+    return EXTENSIONS[ext]
 
 
 def wait_for(store: Any, job_id: str, interval: float = 1.0, timeout: float | None = None,
@@ -76,8 +81,10 @@ def get_job(store: Any, job_id: str) -> JobState:
 def check_complete(job: JobState) -> list[str]:
     """Human descriptions of every shard that is not done (empty when the job is complete)."""
     problems = []
-    if not job.submitted:
-        problems.append("submission did not finish (the producer stopped before enqueuing every shard)")
+    if job.submit_error:
+        problems.append(f"submission failed: {job.submit_error}")
+    elif not job.submitted:
+        problems.append("submission not finished (the producer is still enqueuing, or stopped)")
     total = job.shards_total if job.shards_total is not None else (max(job.shards, default=-1) + 1)
     for shard_id in range(total):
         state = job.shards.get(shard_id, {})

@@ -1,7 +1,7 @@
 """Sources: folders scanned recursively and manifest files, streamed as image URIs.
 
-Nothing here builds a list of all URIs: folders are walked lazily (sorted per folder, so the order
-is deterministic) and manifests are read line by line or batch by batch.
+Nothing here builds a list of all URIs: folders are walked lazily and manifests are read line by
+line or batch by batch.
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ def is_image_name(name: str) -> bool:
 
 
 def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
-    """Image files under ``root``, recursively; hidden entries skipped; symlink loops visited once."""
+    """Image files under ``root``, recursively, streamed.
+
+    Files come in the folder's own listing order (stable for an unchanged folder), so a folder of a
+    million files is never held as one list; subfolders are visited afterwards, in name order.
+    Hidden entries are skipped and a symlink loop is walked once.
+    """
     root = os.path.abspath(root)
     seen: set[tuple[int, int]] = set()
 
@@ -54,22 +59,24 @@ def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
         if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
             return
         seen.add((st.st_dev, st.st_ino))
+        subfolders = []
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        is_dir = entry.is_dir()  # follows symlinks
+                    except OSError:
+                        continue
+                    if is_dir:
+                        subfolders.append(entry.path)
+                    elif is_image_name(entry.name) and filters.accepts(os.path.relpath(entry.path, root)):
+                        yield entry.path
         except OSError:
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()  # follows symlinks
-            except OSError:
-                continue
-            if is_dir:
-                yield from visit(entry.path)
-            elif is_image_name(entry.name) and filters.accepts(os.path.relpath(entry.path, root)):
-                yield entry.path
+        for sub in sorted(subfolders):
+            yield from visit(sub)
 
     yield from visit(root)
 
@@ -77,8 +84,16 @@ def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
 def read_manifest(path: str) -> Iterator[str]:
     """URIs from a ``.txt`` (one per line, ``#`` comments) or a ``.csv``/``.parquet`` with a ``uri`` column.
 
-    Relative paths are taken relative to the manifest's folder.
+    Relative paths are taken relative to the manifest's folder. An unreadable manifest raises
+    ``SourceError`` naming it.
     """
+    try:
+        yield from _manifest_entries(path)
+    except (UnicodeDecodeError, OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(f"{path}: cannot read manifest: {exc}") from exc
+
+
+def _manifest_entries(path: str) -> Iterator[str]:
     base = os.path.dirname(os.path.abspath(path))
 
     def absolute(uri: str) -> str:
@@ -86,19 +101,20 @@ def read_manifest(path: str) -> Iterator[str]:
 
     lower = path.lower()
     if lower.endswith(".txt"):
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for line in fh:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     yield absolute(line)
     elif lower.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" has a BOM
             reader = csv.DictReader(fh)
             if "uri" not in (reader.fieldnames or []):
                 raise SourceError(f"{path}: a CSV manifest needs a 'uri' column (has {reader.fieldnames})")
             for row in reader:
-                if row["uri"]:
-                    yield absolute(row["uri"].strip())
+                uri = (row["uri"] or "").strip()
+                if uri:
+                    yield absolute(uri)
     elif lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -107,8 +123,8 @@ def read_manifest(path: str) -> Iterator[str]:
             raise SourceError(f"{path}: a Parquet manifest needs a 'uri' column")
         for batch in pf.iter_batches(columns=["uri"], batch_size=10_000):
             for uri in batch.column(0).to_pylist():
-                if uri:
-                    yield absolute(uri)
+                if uri and uri.strip():
+                    yield absolute(uri.strip())
     else:
         raise SourceError(f"{path}: not a folder, image or manifest (.txt, .csv, .parquet)")
 

@@ -20,8 +20,12 @@ def summary(job: JobState, now: float | None = None) -> str:
     """The multi-line human summary that ``status`` prints."""
     now = now or time.time()
     total = job.shards_total if job.shards_total is not None else len(job.shards)
-    state = "done" if job.finished and not job.count(FAILED) else (
-        "finished with failures" if job.finished else ("running" if job.submitted else "submitting"))
+    if job.submit_error:
+        state = "submission failed"
+    elif job.finished:
+        state = "finished with failures" if job.count(FAILED) else "done"
+    else:
+        state = "running" if job.submitted else "submitting"
     images_total = job.images_total if job.images_total is not None else sum(
         s.get("images_in", 0) for s in job.shards.values())
     lines = [
@@ -36,6 +40,8 @@ def summary(job: JobState, now: float | None = None) -> str:
         remaining = max(images_total - job.images_done, 0)
         eta = "-" if job.finished else _duration(remaining / rate)
         lines.append(f"speed    {rate:.1f} images/s, ETA {eta}")
+    if job.submit_error:
+        lines.append(f"submit   failed: {job.submit_error}")
     failed = sorted((i, s) for i, s in job.shards.items() if s.get("state") == FAILED)
     for shard_id, info in failed[:20]:
         lines.append(f"failed   shard-{shard_id:06d}: {info.get('reason', 'unknown reason')}")

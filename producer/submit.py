@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, replace
 from itertools import chain
+from typing import Any
 
 from tqdm import tqdm
 
@@ -32,6 +33,7 @@ def submit(
         raise SourceError(f"no images found in {' '.join(sources)}")
     store = connect_store(settings.state_url)
     app.conf.broker_url = settings.broker_url
+    _check_broker(app, settings.broker_url)
     job_id = job_id or new_job_id()
     store.create_job(job_id, {"model": asdict(model), "output": asdict(output), "sources": sources,
                               "shard_size": shard_size})
@@ -50,12 +52,28 @@ def submit(
                 n_shards += 1
                 bar.update(len(chunk))
     except OperationalError as exc:
-        raise BrokerError(f"cannot reach the broker at {redact(settings.broker_url)}: {exc}") from exc
+        error: Exception = BrokerError(f"cannot reach the broker at {redact(settings.broker_url)}: {exc}")
+        store.fail_submit(job_id, str(error))
+        raise error from exc
+    except BaseException as exc:  # a bad manifest mid-stream, Ctrl-C: the job must not look "submitting" forever
+        store.fail_submit(job_id, f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         bar.close()
     store.finish_submit(job_id, n_shards, count)
     print(f"submitted {count} images in {n_shards} shards as job {job_id}", file=sys.stderr)
     return job_id
+
+
+def _check_broker(app: Any, url: str) -> None:
+    """Fail before creating the job when the broker does not answer."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except (OperationalError, OSError) as exc:
+        raise BrokerError(f"cannot reach the broker at {redact(url)}: {exc}") from exc
 
 
 def settings_with_broker(broker: str | None) -> Settings:

@@ -150,3 +150,17 @@ def test_failed_shards_are_reported(worker, redis_url, redis_client, tmp_path):
     assert "shard-000000: failed" in col.stderr and "weights file not found" in col.stderr
     status = batchinfer("status", job_id, broker=redis_url).stdout
     assert "3 failed" in status and "weights file not found" in status
+
+
+def test_submit_failing_mid_stream_marks_the_job(redis_url, redis_client, tmp_path):
+    """A manifest that breaks after shards were enqueued: the job says so instead of 'submitting' forever."""
+    from tests.conftest import PHOTOS
+
+    bad = tmp_path / "broken.parquet"
+    bad.write_text("not parquet")
+    sub = batchinfer("submit", str(PHOTOS), str(bad), "--output", str(tmp_path / "out"), "--shard-size", "2",
+                     "--weights", "none", broker=redis_url, check=False)
+    assert sub.returncode == 1 and "broken.parquet" in sub.stderr and "Traceback" not in sub.stderr
+    job_id = redis_client.zrange(keys.jobs(), 0, -1)[-1].decode()
+    status = batchinfer("status", job_id, broker=redis_url).stdout
+    assert "submission failed" in status and "broken.parquet" in status

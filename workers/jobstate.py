@@ -29,6 +29,7 @@ class JobState:
     shards_total: int | None
     images_total: int | None
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)
+    submit_error: str | None = None
 
     def count(self, state: str) -> int:
         return sum(1 for s in self.shards.values() if s.get("state") == state)
@@ -43,6 +44,8 @@ class JobState:
 
     @property
     def finished(self) -> bool:
+        if self.submit_error:  # nothing more will be enqueued; what was enqueued is all there is
+            return all(s.get("state") in (DONE, FAILED) for s in self.shards.values())
         total = self.shards_total
         return self.submitted and total is not None and self.count(DONE) + self.count(FAILED) >= total
 
@@ -75,6 +78,9 @@ class MemoryJobStore:
     def finish_submit(self, job_id: str, shards: int, images: int) -> None:
         job = self.jobs[job_id]
         job.submitted, job.shards_total, job.images_total = True, shards, images
+
+    def fail_submit(self, job_id: str, reason: str) -> None:
+        self.jobs[job_id].submit_error = reason
 
     def update_shard(self, job_id: str, shard_id: int, state: str, **extra: Any) -> None:
         old = self.jobs[job_id].shards.get(shard_id, {})
@@ -112,6 +118,9 @@ class RedisJobStore:
             keys.job(job_id), mapping={"submitted": 1, "shards_total": shards, "images_total": images}
         )
 
+    def fail_submit(self, job_id: str, reason: str) -> None:
+        self.client.hset(keys.job(job_id), "submit_error", reason)
+
     def update_shard(self, job_id: str, shard_id: int, state: str, **extra: Any) -> None:
         key, name = keys.shards(job_id), str(shard_id)
         old = self.client.hget(key, name)
@@ -135,6 +144,7 @@ class RedisJobStore:
             shards_total=int(total) if total is not None else None,
             images_total=int(images) if images is not None else None,
             shards=shards,
+            submit_error=meta.get("submit_error"),
         )
 
 
