@@ -65,6 +65,11 @@ def build_parser() -> Parser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _broker_option(p)
 
+    p = sub.add_parser("models", help="the architectures: input size, parameters, feature size, preprocessing")
+    p = sub.add_parser("layers", help="index, name and output shape of every layer of a model (for --layer)")
+    p.add_argument("model", metavar="MODEL", help="architecture name (case-insensitive)")
+    p.add_argument("--top", action="store_true", help="include the classifier head's layers")
+
     p = sub.add_parser("status", help="progress of a job")
     p.add_argument("job_id", metavar="JOB")
     p.add_argument("--watch", "-w", action="store_true", help="live progress bar until the job finishes")
@@ -155,7 +160,20 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect}
+def _cmd_models(args: argparse.Namespace) -> int:
+    from producer.inspect import cmd_models
+
+    return cmd_models(args)
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from producer.inspect import cmd_layers
+
+    return cmd_layers(args)
+
+
+COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
+            "models": _cmd_models, "layers": _cmd_layers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
