@@ -114,11 +114,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from producer.config import missing_files
     from producer.submit import settings_with_broker, submit
 
-    spec = model_spec_from_args(args, weights_must_exist=False)
-    if spec.weights not in ("imagenet", "none") and not os.path.isfile(spec.weights):
-        print(f"{PROG}: warning: {spec.weights} is not on this machine; workers must have it", file=sys.stderr)
+    spec = model_spec_from_args(args, files_must_exist=False)
+    for path in missing_files(spec):
+        print(f"{PROG}: warning: {path} is not on this machine; workers must have it", file=sys.stderr)
     if args.sink == "parquet" and not args.output:
         raise ConfigError("the parquet sink needs --output DIR (or use --sink redis)")
     output = OutputSpec(sink=args.sink, path=os.path.abspath(args.output) if args.output else None, ttl=args.ttl)

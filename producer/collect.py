@@ -23,7 +23,7 @@ from workers import keys
 from workers.contract import OutputSpec
 from workers.errors import BatchInferError, ConfigError
 from workers.jobstate import DONE, FAILED, JobState
-from workers.schema import output_schema, read_job_metadata, with_job_metadata
+from workers.schema import read_job_metadata, with_job_metadata
 from workers.sinks.parquet import read_shard, shard_uri
 from workers.storage import storage_for
 
@@ -106,19 +106,16 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None) ->
 
 
 def _redis_shard(job: JobState, shard_id: int, client: Any) -> pa.Table:
-    from workers.sinks.redis import decode_row
+    from workers.sinks.redis import decode_row, read_schema
 
-    spec = job.spec["model"]
+    schema = read_schema(client, job.job_id)
+    if schema is None:
+        raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
     row_keys = client.lrange(keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), 0, -1)
     pipe = client.pipeline(transaction=False)
     for key in row_keys:
         pipe.hgetall(key)
-    raws = pipe.execute()
-    dim = None
-    if spec["task"] == "features":
-        dim = next((len(r[b"features"]) // 4 for r in raws if b"features" in r), 1)
-    schema = output_schema(spec["task"], spec["top_k"], dim)
-    rows = [decode_row(raw, schema) for raw in raws]
+    rows = [decode_row(raw, schema) for raw in pipe.execute()]
     return pa.Table.from_pylist(rows, schema=schema)
 
 

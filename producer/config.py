@@ -8,48 +8,90 @@ from __future__ import annotations
 import argparse
 import os
 
-from workers.contract import DECODES, POOLINGS, TASKS, ModelSpec
+from workers.contract import DECODES, POOLINGS, PREPROCESS_FAMILIES, TASKS, ModelSpec
 from workers.errors import ConfigError
-from workers.models.registry import ARCHITECTURES, get_architecture, resolve_layer
+from workers.models.registry import get_architecture, resolve_layer
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model options")
-    names = ", ".join(a.name for a in ARCHITECTURES.values())
-    g.add_argument("--model", default="MobileNetV2", help=f"keras.applications architecture ({names})")
+    g.add_argument("--model", default="MobileNetV2",
+                   help="keras.applications architecture, case-insensitive (see `batchinfer models`)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a weights file "
                    "(full model or no-top variant)")
-    g.add_argument("--task", default="classify", choices=TASKS)
+    g.add_argument("--task", default="classify", choices=TASKS,
+                   help="classify, features, or classify,features (both from one forward pass)")
     g.add_argument("--top-k", type=int, default=5, help="classes per image for classify (default 5)")
-    g.add_argument("--pooling", default="avg", choices=POOLINGS, help="pooling of 4-D feature maps")
-    g.add_argument("--layer", help="layer whose output is the feature vector (see the model's layer names)")
-    g.add_argument("--input-size", type=int, help="square input size (default: the model's own)")
+    g.add_argument("--pooling", default="avg", choices=POOLINGS,
+                   help="pooling of 4-D feature maps; none keeps the map, flattened (default avg)")
+    g.add_argument("--layer", action="append", default=[], metavar="NAME",
+                   help="feature layer (repeatable: one column each); see `batchinfer layers MODEL`")
+    g.add_argument("--input-size", type=int, metavar="N", help="square input size (default: the model's own)")
+    g.add_argument("--input-shape", type=int, nargs=2, metavar=("H", "W"), help="non-square input size")
+    g.add_argument("--model-path", metavar="FILE", help="your own model: .keras, .h5 or a SavedModel folder")
+    g.add_argument("--labels", metavar="FILE", help="class names, one per line (for --model-path models)")
+    g.add_argument("--preprocess", metavar="NAME",
+                   help="caffe | tf | torch | none | an architecture name (default: the model's own; none "
+                        "for --model-path unless its .json sidecar says otherwise)")
     g.add_argument("--decode", default="fast", choices=DECODES,
                    help="fast: DCT downscale + EXIF + antialiased resize; keras: exactly keras.utils.load_img")
     g.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
 
-def model_spec_from_args(args: argparse.Namespace, weights_must_exist: bool = True) -> ModelSpec:
+def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True) -> ModelSpec:
     """Build and validate the model spec; raises ``ConfigError`` with a one-line message."""
-    arch = get_architecture(args.model)
+    tasks = args.task.split(",")
     if args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    if args.input_size is not None and args.input_size < arch.min_size:
-        raise ConfigError(f"--input-size {args.input_size} is below {arch.name}'s minimum of {arch.min_size}")
-    if args.layer:
-        if args.task != "features":
-            raise ConfigError("--layer applies to --task features")
-        resolve_layer(arch, args.layer)
-    weights = args.weights
-    if weights.lower() in ("imagenet", "none"):
-        weights = weights.lower()
+    if args.input_size is not None and args.input_shape is not None:
+        raise ConfigError("give --input-size or --input-shape, not both")
+    shape = tuple(args.input_shape) if args.input_shape else (
+        (args.input_size, args.input_size) if args.input_size is not None else None)
+    if args.layer and "features" not in tasks:
+        raise ConfigError("--layer applies to --task features")
+    if len(set(args.layer)) != len(args.layer):
+        raise ConfigError("each --layer may be given once")
+    if args.preprocess:
+        from workers.models.registry import ARCHITECTURES as known
+
+        if args.preprocess.lower() not in (*PREPROCESS_FAMILIES, *known):
+            raise ConfigError(f"unknown --preprocess {args.preprocess!r}: use {', '.join(PREPROCESS_FAMILIES)} "
+                              "or an architecture name")
+    paths = {"--model-path": args.model_path, "--labels": args.labels}
+    if args.model_path:
+        name, weights = "custom", "none"
+        if shape is not None and min(shape) < 1:
+            raise ConfigError("--input-size must be positive")
     else:
-        weights = os.path.abspath(os.path.expanduser(weights))
-        if weights_must_exist and not os.path.isfile(weights):
-            raise ConfigError(f"--weights {args.weights}: no such file (use imagenet, none or a weights file)")
+        arch = get_architecture(args.model)
+        name = arch.name
+        if shape is not None and min(shape) < arch.min_size:
+            given = f"--input-size {args.input_size}" if args.input_size else f"--input-shape {shape[0]} {shape[1]}"
+            raise ConfigError(f"{given} is below {arch.name}'s minimum of {arch.min_size}")
+        for layer in args.layer:
+            resolve_layer(arch, layer)
+        weights = args.weights
+        if weights.lower() in ("imagenet", "none"):
+            weights = weights.lower()
+        else:
+            paths["--weights"] = weights
+            weights = os.path.abspath(os.path.expanduser(weights))
+    resolved = {flag: os.path.abspath(os.path.expanduser(p)) for flag, p in paths.items() if p}
+    if files_must_exist:
+        for flag, path in resolved.items():
+            if not os.path.exists(path):
+                raise ConfigError(f"{flag} {path}: no such file")
     return ModelSpec(
-        name=arch.name, weights=weights, task=args.task, top_k=args.top_k, pooling=args.pooling,
-        layer=args.layer, input_size=args.input_size, decode=args.decode, batch_size=args.batch_size,
+        name=name, weights=resolved.get("--weights", weights), task=args.task, top_k=args.top_k,
+        pooling=args.pooling, layers=tuple(args.layer), input_shape=shape, decode=args.decode,
+        batch_size=args.batch_size, model_path=resolved.get("--model-path"), labels=resolved.get("--labels"),
+        preprocess=args.preprocess,
     )
+
+
+def missing_files(spec: ModelSpec) -> list[str]:
+    """Files the spec names that are not on this machine (workers may still have them)."""
+    return [p for p in (spec.weights, spec.model_path, spec.labels)
+            if p and p not in ("imagenet", "none") and not os.path.exists(p)]

@@ -21,7 +21,7 @@ def _task() -> ShardTask:
         shard_id=7,
         uris=["/data/a.jpg", "s3://bucket/b.png", "/data/ünïcode ✓.jpg"],
         model=ModelSpec(name="VGG16", weights="/w/vgg.h5", task="features", top_k=3, pooling="max",
-                        layer="block4_pool", input_size=256, decode="keras", batch_size=16),
+                        layers=("block4_pool",), input_shape=(256, 256), decode="keras", batch_size=16),
         output=OutputSpec(sink="redis", path=None, ttl=3600),
     )
 
@@ -32,13 +32,13 @@ def test_shard_task_round_trips_through_json():
     back = ShardTask.from_dict(json.loads(wire))
     assert back == task
     assert isinstance(back.model, ModelSpec) and isinstance(back.output, OutputSpec)
-    assert back.model.layer == "block4_pool" and back.output.ttl == 3600
+    assert back.model.layers == ("block4_pool",) and back.output.ttl == 3600
 
 
 def test_default_shard_task_round_trips_with_nulls():
     task = ShardTask("job", 0, [])
     data = json.loads(json.dumps(task.to_dict()))
-    assert data["model"]["layer"] is None and data["model"]["input_size"] is None
+    assert data["model"]["layers"] == [] and data["model"]["input_shape"] is None
     assert data["output"]["path"] is None
     assert ShardTask.from_dict(data) == task
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASK_NAME = "batchinfer.process_shard"
-TASKS = ("classify", "features")
-POOLINGS = ("avg", "max")
+TASKS = ("classify", "features", "classify,features")
+POOLINGS = ("avg", "max", "none")
+PREPROCESS_FAMILIES = ("caffe", "tf", "torch", "none")
 DECODES = ("fast", "keras")
 SINKS = ("parquet", "redis")
 
@@ -27,10 +28,12 @@ def shard_name(shard_id: int) -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to run: architecture, weights and what to extract.
+    """What to run: architecture (or a model file), weights and what to extract.
 
     ``weights`` is ``"imagenet"``, ``"none"`` (random, seeded so every worker agrees) or a local path.
-    ``input_size`` of ``None`` means the architecture's default size.
+    ``task`` is ``classify``, ``features`` or ``classify,features`` (one forward pass for both).
+    ``layers`` are feature layers (empty: the model's last feature map); ``input_shape`` is (H, W),
+    ``None`` for the model's own size. ``model_path`` replaces ``name`` for your own model files.
     """
 
     name: str = "MobileNetV2"
@@ -38,18 +41,39 @@ class ModelSpec:
     task: str = "classify"
     top_k: int = 5
     pooling: str = "avg"
-    layer: str | None = None
-    input_size: int | None = None
+    layers: tuple[str, ...] = ()
+    input_shape: tuple[int, int] | None = None
     decode: str = "fast"
     batch_size: int = 32
+    model_path: str | None = None
+    labels: str | None = None
+    preprocess: str | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.task.split(","))
+
+    def feature_columns(self) -> list[str]:
+        """Output column per feature layer: ``features`` for one, ``features_<layer>`` for several."""
+        if "features" not in self.tasks:
+            return []
+        if len(self.layers) <= 1:
+            return ["features"]
+        return [f"features_{layer}" for layer in self.layers]
 
     def cache_key(self) -> str:
-        """Identity of the built model: specs that differ only in batch-independent fields share it."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Identity of the built model (everything but the decode mode, which the model never sees)."""
+        data = dataclasses.asdict(self)
+        data.pop("decode")
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values["layers"] = tuple(values.get("layers") or ())
+        if values.get("input_shape") is not None:
+            values["input_shape"] = tuple(int(v) for v in values["input_shape"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,8 @@ class ShardTask:
         return shard_name(self.shard_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types only (tuples become lists), exactly what travels in the message."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardTask:

@@ -83,19 +83,23 @@ def prefetched_batches(
 
 def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
     spec = task.model
+    features = "features" in spec.tasks
     return {
         "job_id": task.job_id,
         "shard_id": task.shard_id,
-        "model": predictor.arch.name,
-        "weights": spec.weights,
+        "model": predictor.model_name,
+        "model_path": spec.model_path,
+        "weights": spec.weights if not spec.model_path else None,
         "weights_fingerprint": predictor.fingerprint,
         "task": spec.task,
-        "layer": spec.layer,
-        "pooling": spec.pooling if spec.task == "features" else None,
+        "layers": list(spec.layers),
+        "pooling": spec.pooling if features else None,
         "input_size": list(predictor.input_hw),
         "decode": spec.decode,
-        "top_k": spec.top_k if spec.task == "classify" else None,
-        "feature_dim": predictor.feature_dim,
+        "preprocess": spec.preprocess,
+        "top_k": spec.top_k if "classify" in spec.tasks else None,
+        "feature_columns": predictor.feature_columns,
+        "feature_shapes": predictor.feature_shapes,
         "batchinfer_version": __version__,
     }
 
@@ -107,7 +111,8 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     decode = DECODERS[spec.decode]
     size = predictor.input_hw
     schema = with_job_metadata(
-        output_schema(spec.task, spec.top_k, predictor.feature_dim), job_metadata(task, predictor)
+        output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns),
+        job_metadata(task, predictor),
     )
     timings = {"read_decode": 0.0, "wait": 0.0, "predict": 0.0, "write": 0.0}
     images = errors = 0

@@ -16,14 +16,25 @@ import pyarrow as pa
 METADATA_KEY = b"batchinfer"
 
 
-def output_schema(task: str, top_k: int = 5, feature_dim: int | None = None) -> pa.Schema:
+def output_schema(
+    task: str, top_k: int = 5, feature_dim: int | None = None, feature_columns: dict[str, int] | None = None
+) -> pa.Schema:
+    """The schema for ``task`` (``classify``, ``features`` or ``classify,features``).
+
+    ``feature_columns`` maps each feature column to its fixed dimension; ``feature_dim`` is the
+    shorthand for the single ``features`` column.
+    """
+    tasks = task.split(",")
+    unknown = set(tasks) - {"classify", "features"}
+    if unknown:
+        raise ValueError(f"unknown task {task!r}")
     fields = [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
     ]
-    if task == "classify":
+    if "classify" in tasks:
         fields += [
             pa.field("label", pa.string()),
             pa.field("score", pa.float32()),
@@ -31,13 +42,16 @@ def output_schema(task: str, top_k: int = 5, feature_dim: int | None = None) -> 
             pa.field("top_k_labels", pa.list_(pa.string())),
             pa.field("top_k_scores", pa.list_(pa.float32())),
         ]
-    elif task == "features":
-        if not feature_dim:
+    if "features" in tasks:
+        columns = feature_columns or ({"features": feature_dim} if feature_dim else {})
+        if not columns:
             raise ValueError("features output needs a feature dimension")
-        fields.append(pa.field("features", pa.list_(pa.float32(), feature_dim)))
-    else:
-        raise ValueError(f"unknown task {task!r}")
+        fields += [pa.field(name, pa.list_(pa.float32(), dim)) for name, dim in columns.items()]
     return pa.schema(fields)
+
+
+def feature_column_names(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
 
 
 def with_job_metadata(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
@@ -79,17 +93,15 @@ def build_batch(
         columns["top_k_indices"] = pa.array(idx, pa.list_(pa.int32()))
         columns["top_k_labels"] = pa.array(lab, pa.list_(pa.string()))
         columns["top_k_scores"] = pa.array(scores, pa.list_(pa.float32()))
-    if "features" in names:
-        ftype = schema.field("features").type
-        dim = ftype.list_size
+    for name in feature_column_names(schema):
+        dim = schema.field(name).type.list_size
         flat = np.zeros((n, dim), dtype=np.float32)
         if ok:
-            flat[list(ok)] = outputs["features"]
+            flat[list(ok)] = outputs[name]
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float32()), dim)
         mask = np.ones(n, dtype=bool)
         mask[list(ok)] = False
-        values = pa.array(flat.reshape(-1), pa.float32())
-        arr = pa.FixedSizeListArray.from_arrays(values, dim)
-        columns["features"] = _null_where(arr, mask) if mask.any() else arr
+        columns[name] = _null_where(arr, mask) if mask.any() else arr
     return pa.RecordBatch.from_arrays([columns[name] for name in names], schema=schema)
 
 

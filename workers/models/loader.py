@@ -25,7 +25,9 @@ import numpy as np
 
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
-from workers.models.registry import Architecture, get_architecture, resolve_layer
+from workers.models.custom import load_custom, read_labels
+from workers.models.preprocess import preprocess_function
+from workers.models.registry import Architecture, get_architecture, layer_names, resolve_layer
 
 log = logging.getLogger(__name__)
 RANDOM_SEED = 0
@@ -54,19 +56,24 @@ def imagenet_labels() -> list[str]:
 
 @dataclass
 class Predictor:
-    """A model ready for batches: ``preprocess`` on the host, ``predict`` on the device."""
+    """A model ready for batches: ``preprocess`` on the host, ``predict`` on the device.
+
+    ``feature_columns`` maps each feature output column to its dimension; ``feature_shapes`` gives
+    the unflattened shape of each (useful with ``--pooling none``).
+    """
 
     spec: ModelSpec
-    arch: Architecture
+    model_name: str
     input_hw: tuple[int, int]
-    feature_dim: int | None
+    feature_columns: dict[str, int]
+    feature_shapes: dict[str, list[int]]
     labels: list[str] | None
     fingerprint: str
     _fn: Any
     _preprocess: Any
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """The architecture's own ``preprocess_input`` on a float32 batch (may work in place)."""
+        """The model's preprocessing on a float32 batch (may work in place)."""
         return self._preprocess(x.astype(np.float32, copy=False))
 
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -95,9 +102,9 @@ def _imagenet_error(arch: Architecture, exc: Exception) -> ConfigError:
     )
 
 
-def _build(arch: Architecture, include_top: bool, size: int, weights: str | None) -> Any:
+def _build(arch: Architecture, include_top: bool, hw: tuple[int, int], weights: str | None) -> Any:
     ctor = getattr(importlib.import_module(arch.module), arch.constructor)
-    return ctor(weights=weights, include_top=include_top, input_shape=(size, size, 3))
+    return ctor(weights=weights, include_top=include_top, input_shape=(hw[0], hw[1], 3))
 
 
 def _copy_prefix(src: Any, dst: Any) -> None:
@@ -106,17 +113,17 @@ def _copy_prefix(src: Any, dst: Any) -> None:
         b.set_weights(a.get_weights())
 
 
-def load_model(spec: ModelSpec, arch: Architecture, size: int, include_top: bool) -> tuple[Any, str]:
+def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include_top: bool) -> tuple[Any, str]:
     """The Keras model for ``spec`` with its weights, and a fingerprint of those weights."""
     import keras
 
     weights = spec.weights
     if weights == "none":
         keras.utils.set_random_seed(RANDOM_SEED)  # every worker builds the same random model
-        return _build(arch, include_top, size, None), f"random:seed={RANDOM_SEED}"
+        return _build(arch, include_top, hw, None), f"random:seed={RANDOM_SEED}"
     if weights == "imagenet":
         try:
-            model = _build(arch, include_top, size, "imagenet")
+            model = _build(arch, include_top, hw, "imagenet")
         except ValueError as exc:
             raise ConfigError(f"{arch.name} with ImageNet weights: {exc}") from exc
         except Exception as exc:  # get_file wraps network failures in a plain Exception
@@ -126,7 +133,7 @@ def load_model(spec: ModelSpec, arch: Architecture, size: int, include_top: bool
     if not path.is_file():
         raise ConfigError(f"weights file not found: {weights}")
     fingerprint = file_fingerprint(str(path))
-    full = _build(arch, True, size if include_top else arch.default_size, None)
+    full = _build(arch, True, hw if include_top else (arch.default_size, arch.default_size), None)
     try:
         with warnings.catch_warnings():  # a no-top file warns about the missing head before it raises
             warnings.simplefilter("ignore", UserWarning)
@@ -137,7 +144,7 @@ def load_model(spec: ModelSpec, arch: Architecture, size: int, include_top: bool
                 f"{path} does not hold {arch.name} weights with the classifier ({full_exc}); "
                 "use --task features for a no-top weights file"
             ) from full_exc
-        notop = _build(arch, False, size, None)
+        notop = _build(arch, False, hw, None)
         try:
             notop.load_weights(str(path))
         except Exception as exc:
@@ -145,57 +152,124 @@ def load_model(spec: ModelSpec, arch: Architecture, size: int, include_top: bool
         return notop, fingerprint
     if include_top:
         return full, fingerprint
-    notop = _build(arch, False, size, None)
+    notop = _build(arch, False, hw, None)
     _copy_prefix(full, notop)
     return notop, fingerprint
 
 
+@dataclass
+class _Graph:
+    """What ``build_predictor`` needs from either kind of model."""
+
+    model: Any
+    name: str
+    fingerprint: str
+    hw: tuple[int, int]
+    feature_targets: list[Any]
+    preprocess: Any
+    labels: list[str] | None
+    softmax: bool  # apply softmax to the classifier output (it ends in logits)
+
+
+def _registry_graph(spec: ModelSpec) -> _Graph:
+    arch = get_architecture(spec.name)
+    refs = [resolve_layer(arch, layer) for layer in spec.layers]
+    head_layers = any(top for _, top in refs)
+    include_top = "classify" in spec.tasks or head_layers
+    hw = spec.input_shape or (arch.default_size, arch.default_size)
+    if head_layers:
+        hw = (arch.default_size, arch.default_size)  # head layers (e.g. VGG16 fc2) exist only at the trained size
+    if min(hw) < arch.min_size:
+        raise ConfigError(f"{arch.name} needs an input size of at least {arch.min_size}, got {hw[0]}x{hw[1]}")
+    model, fingerprint = load_model(spec, arch, hw, include_top)
+    if refs:
+        targets = [model.layers[index].output for index, _ in refs]
+    else:
+        last_base = len(layer_names(arch, include_top=False)) - 1
+        targets = [model.layers[last_base].output]
+    labels = read_labels(spec.labels) if spec.labels else None
+    return _Graph(model, arch.name, fingerprint, hw, targets, preprocess_function(spec.preprocess, arch.name),
+                  labels, softmax=False)
+
+
+def _custom_graph(spec: ModelSpec) -> _Graph:
+    loaded = load_custom(spec)
+    model = loaded.model
+    if spec.layers:
+        if loaded.savedmodel:
+            raise ConfigError("--layer needs a .keras or .h5 model (a SavedModel exposes only its outputs)")
+        names = [layer.name for layer in model.layers]
+        missing = [layer for layer in spec.layers if layer not in names]
+        if missing:
+            raise ConfigError(f"{spec.model_path} has no layer {missing[0]!r}. Valid layers: {', '.join(names)}")
+        targets = [model.get_layer(layer).output for layer in spec.layers]
+    elif loaded.savedmodel or len(model.layers) < 3:
+        targets = [model.output]
+    else:
+        targets = [model.layers[-2].output]  # the input of the classifier
+    labels_file = spec.labels
+    labels = read_labels(labels_file) if labels_file else loaded.sidecar.get("labels")
+    activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
+    softmax = not loaded.savedmodel and activation not in ("softmax", "sigmoid")
+    preprocess = preprocess_function(spec.preprocess or loaded.sidecar.get("preprocess"), None)
+    name = f"custom:{os.path.basename(str(spec.model_path).rstrip('/'))}"
+    return _Graph(model, name, loaded.fingerprint, loaded.hw, targets, preprocess, labels, softmax)
+
+
+def _feature_size(shape: Any, pooling: str) -> tuple[int, list[int]]:
+    dims = [int(d) for d in shape[1:]]
+    if len(dims) == 3 and pooling != "none":
+        return dims[-1], dims
+    return int(np.prod(dims)), dims
+
+
 def build_predictor(spec: ModelSpec) -> Predictor:
+    """Load the model of ``spec`` and compile one call that yields every requested output."""
     tf = tensorflow()
     import keras
 
-    arch = get_architecture(spec.name)
-    if spec.task == "classify":
-        size, include_top, layer_index = spec.input_size or arch.default_size, True, None
-    else:
-        size = spec.input_size or arch.default_size
-        layer_index, include_top = resolve_layer(arch, spec.layer) if spec.layer else (None, False)
-        if include_top:
-            size = arch.default_size  # head layers (e.g. VGG16 fc2) exist only at the trained size
-    if size < arch.min_size:
-        raise ConfigError(f"{arch.name} needs an input size of at least {arch.min_size}, got {size}")
-    model, fingerprint = load_model(spec, arch, size, include_top)
+    graph = _custom_graph(spec) if spec.model_path else _registry_graph(spec)
+    classify = "classify" in spec.tasks
+    columns = spec.feature_columns()
+    outputs = ([graph.model.output] if classify else []) + (graph.feature_targets if columns else [])
+    body = keras.Model(graph.model.inputs, outputs)
+    reduce = {"avg": tf.reduce_mean, "max": tf.reduce_max}.get(spec.pooling)
 
-    if spec.task == "classify":
-        classes = int(model.output.shape[-1])
+    feature_columns, feature_shapes = {}, {}
+    for column, target in zip(columns, graph.feature_targets):
+        feature_columns[column], feature_shapes[column] = _feature_size(target.shape, spec.pooling)
+
+    labels = graph.labels
+    k = 0
+    if classify:
+        classes = int(graph.model.output.shape[-1])
         k = min(spec.top_k, classes)
+        if labels is None:
+            labels = imagenet_labels() if classes == 1000 else [f"class_{i}" for i in range(classes)]
+        if len(labels) != classes:
+            raise ConfigError(f"{len(labels)} labels for a model with {classes} classes")
 
-        def head(x: Any) -> dict[str, Any]:
-            top = tf.math.top_k(model(x, training=False), k=k)
-            return {"top_k_scores": top.values, "top_k_indices": top.indices}
-
-        labels = imagenet_labels() if classes == 1000 else [f"class_{i}" for i in range(classes)]
-        feature_dim = None
-    else:
-        target = model.layers[layer_index].output if layer_index is not None else model.output
-        body = keras.Model(model.inputs, target)
-        reduce = tf.reduce_mean if spec.pooling == "avg" else tf.reduce_max
-
-        def head(x: Any) -> dict[str, Any]:
-            y = body(x, training=False)
-            if len(y.shape) == 4:
+    def head(x: Any) -> dict[str, Any]:
+        ys = body(x, training=False)
+        ys = list(ys) if isinstance(ys, (list, tuple)) else [ys]
+        out: dict[str, Any] = {}
+        if classify:
+            probs = ys.pop(0)
+            if graph.softmax:
+                probs = tf.nn.softmax(probs)
+            top = tf.math.top_k(probs, k=k)
+            out["top_k_scores"], out["top_k_indices"] = top.values, top.indices
+        for column, y in zip(columns, ys):
+            if len(y.shape) == 4 and reduce is not None:
                 y = reduce(y, axis=[1, 2])
-            return {"features": tf.reshape(y, [tf.shape(y)[0], -1])}
+            out[column] = tf.reshape(y, [tf.shape(y)[0], -1])
+        return out
 
-        shape = target.shape[1:]
-        feature_dim = int(shape[-1]) if len(shape) == 3 else int(np.prod(shape))
-        labels = None
-
-    signature = [tf.TensorSpec([spec.batch_size, size, size, 3], tf.float32)]
+    signature = [tf.TensorSpec([spec.batch_size, graph.hw[0], graph.hw[1], 3], tf.float32)]
     fn = tf.function(head, input_signature=signature, reduce_retracing=True)
-    preprocess = importlib.import_module(arch.module).preprocess_input
-    log.info("built %s (%s, %s) for %s at %dx%d", arch.name, spec.task, fingerprint, spec.weights, size, size)
-    return Predictor(spec, arch, (size, size), feature_dim, labels, fingerprint, fn, preprocess)
+    log.info("built %s (%s, %s) at %dx%d", graph.name, spec.task, graph.fingerprint, *graph.hw)
+    return Predictor(spec, graph.name, graph.hw, feature_columns, feature_shapes, labels, graph.fingerprint, fn,
+                     graph.preprocess)
 
 
 class PredictorCache:
@@ -208,7 +282,7 @@ class PredictorCache:
         self.builds = 0
 
     def get(self, spec: ModelSpec) -> Predictor:
-        key = spec.cache_key()
+        key = spec.cache_key() + _files_stamp(spec)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
@@ -219,3 +293,13 @@ class PredictorCache:
             evicted, _ = self._items.popitem(last=False)
             log.info("evicted model %s from the cache", evicted)
         return predictor
+
+
+def _files_stamp(spec: ModelSpec) -> str:
+    """Size and mtime of the files a spec loads, so a replaced model file is loaded again."""
+    stamp = []
+    for path in (spec.model_path, spec.weights, spec.labels):
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            stamp.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(stamp)

@@ -2,8 +2,8 @@
 
 Fields: ``uri``, ``shard``, ``width``, ``height``, ``error`` (only on failure); for classify
 ``label``, ``score`` and ``top_k_indices`` / ``top_k_labels`` / ``top_k_scores`` as JSON lists;
-for features ``features`` as raw little-endian float32 bytes (the layout RediSearch vector fields
-index). Rows are first written under staging keys; ``close()`` renames them over the final keys
+for features ``features`` (or ``features_<layer>``) as raw little-endian float32 bytes (the layout
+RediSearch vector fields index). Rows are first written under staging keys; ``close()`` renames them over the final keys
 and replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}`` in one MULTI/EXEC, so a
 crashed attempt changes nothing and a re-run overwrites the same keys (rows are never duplicated).
 Staging keys expire after a day if a worker dies before it can clean up.
@@ -60,6 +60,9 @@ class RedisSink(Sink):
                 pipe.expire(final, self.ttl)
             else:
                 pipe.persist(final)
+        pipe.set(keys.schema(self.job_id), self.schema.serialize().to_pybytes())
+        if self.ttl:
+            pipe.expire(keys.schema(self.job_id), self.ttl)
         pipe.delete(rows_key)
         if self.staged:
             pipe.rpush(rows_key, *(final for _, final in self.staged))
@@ -77,13 +80,19 @@ def encode_row(row: dict[str, Any], shard: str) -> dict[str, Any]:
     for name, value in row.items():
         if name == "uri" or value is None:
             continue
-        if name == "features":
+        if name.startswith("features"):
             out[name] = np.asarray(value, dtype=FEATURE_DTYPE).tobytes()
         elif isinstance(value, list):
             out[name] = json.dumps(value)
         else:
             out[name] = value
     return out
+
+
+def read_schema(client: Any, job_id: str) -> pa.Schema | None:
+    """The job's output schema, as the sink stored it (None before any shard committed)."""
+    raw = client.get(keys.schema(job_id))
+    return pa.ipc.read_schema(pa.py_buffer(raw)) if raw else None
 
 
 def decode_row(raw: dict[bytes, bytes], schema: pa.Schema) -> dict[str, Any]:
@@ -93,7 +102,7 @@ def decode_row(raw: dict[bytes, bytes], schema: pa.Schema) -> dict[str, Any]:
         value = raw.get(field.name.encode())
         if value is None:
             row[field.name] = None
-        elif field.name == "features":
+        elif pa.types.is_fixed_size_list(field.type):
             row[field.name] = np.frombuffer(value, dtype=FEATURE_DTYPE).tolist()
         elif pa.types.is_list(field.type):
             row[field.name] = json.loads(value)

@@ -1,0 +1,121 @@
+"""Your own models: ``.keras`` files, legacy ``.h5`` files and TensorFlow SavedModel folders.
+
+A model file may have a sidecar ``<file>.json`` (``train-head`` writes one) with ``labels``,
+``preprocess`` and ``input_shape``; flags given with the job win over it. Models load with Keras'
+``safe_mode`` (no arbitrary Lambda code) and with the custom objects older Keras applications
+needed (``relu6``, ``DepthwiseConv2D``), as in the Keras documentation's MobileNet example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from workers.contract import ModelSpec, file_fingerprint
+from workers.errors import ConfigError
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    fingerprint: str
+    input_hw: tuple[int, int]
+    sidecar: dict[str, Any]
+    savedmodel: bool
+
+
+def sidecar_path(path: str) -> str:
+    return path.rstrip("/") + ".json"
+
+
+def read_sidecar(path: str) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        return {}
+    with open(side, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def folder_fingerprint(folder: str) -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, folder).encode() + b"\0")
+            digest.update(file_fingerprint(full).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def custom_objects() -> dict[str, Any]:
+    import keras
+
+    return {"relu6": keras.activations.relu6, "DepthwiseConv2D": keras.layers.DepthwiseConv2D}
+
+
+def read_labels(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"labels file not found: {path}")
+    with open(path, encoding="utf-8-sig") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def load_custom(spec: ModelSpec) -> LoadedModel:
+    """Load ``spec.model_path`` and work out its input size (flags, then the model, then the sidecar)."""
+    import keras
+
+    path = spec.model_path or ""
+    if not os.path.exists(path):
+        raise ConfigError(f"model file not found: {path}")
+    sidecar = read_sidecar(path)
+    hw = spec.input_shape or (tuple(sidecar["input_shape"]) if sidecar.get("input_shape") else None)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ConfigError(f"{path} is a folder but not a TensorFlow SavedModel (no saved_model.pb)")
+        hw = hw or _savedmodel_hw(path)
+        if hw is None:
+            raise ConfigError(f"{path}: the SavedModel has no fixed input size; pass --input-size")
+        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+        inputs = keras.Input((*hw, 3))
+        out = layer(inputs)
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return LoadedModel(keras.Model(inputs, out), folder_fingerprint(path), hw, sidecar, True)
+    try:
+        model = keras.models.load_model(path, compile=False, custom_objects=custom_objects())
+    except Exception as exc:  # Keras raises many kinds for a file it cannot read
+        raise ConfigError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
+    shape = model.input_shape
+    native = tuple(shape[1:3]) if shape and None not in shape[1:3] else None
+    hw = hw or native
+    if hw is None:
+        raise ConfigError(f"{path}: the model has no fixed input size; pass --input-size")
+    if native and tuple(hw) != native:
+        model = _rebuild_at(model, hw)
+    return LoadedModel(model, file_fingerprint(path), (int(hw[0]), int(hw[1])), sidecar, False)
+
+
+def _rebuild_at(model: Any, hw: tuple[int, int]) -> Any:
+    """The same layers and weights at another input size (only for models without size-bound layers)."""
+    import keras
+
+    config = model.get_config()
+    config["layers"][0]["config"]["batch_shape"] = [None, *hw, 3]
+    try:
+        clone = model.__class__.from_config(config, custom_objects=custom_objects())
+        clone.set_weights(model.get_weights())
+    except Exception as exc:  # e.g. a Flatten -> Dense head fixed to the trained size
+        raise ConfigError(f"the model cannot run at {hw[0]}x{hw[1]}: {exc}") from exc
+    return clone if isinstance(clone, keras.Model) else model
+
+
+def _savedmodel_hw(path: str) -> tuple[int, int] | None:
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(path).signatures["serving_default"]
+    spec = next(iter(sig.structured_input_signature[1].values()))
+    dims = spec.shape.as_list()
+    return (dims[1], dims[2]) if len(dims) == 4 and dims[1] and dims[2] else None
