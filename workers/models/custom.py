@@ -3,12 +3,14 @@
 A model file may have a sidecar ``<file>.json`` (``train-head`` writes one) with ``labels``,
 ``preprocess`` and ``input_shape``; flags given with the job win over it. Models load with Keras'
 ``safe_mode`` (no arbitrary Lambda code) and with the custom objects older Keras applications
-needed (``relu6``, ``DepthwiseConv2D``), as in the Keras documentation's MobileNet example.
+needed (``relu6``, ``DepthwiseConv2D``), as in the Keras documentation's MobileNet example, plus
+any the operator registers with ``BATCHINFER_CUSTOM_OBJECTS``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -51,9 +53,20 @@ def folder_fingerprint(folder: str) -> str:
 
 
 def custom_objects() -> dict[str, Any]:
+    """Keras-2-era names plus the operator's own: ``BATCHINFER_CUSTOM_OBJECTS=module:attribute`` names a
+    dict importable on the worker. It comes from the worker's environment, never from a task message,
+    so whoever can enqueue a job cannot choose code to import."""
     import keras
 
-    return {"relu6": keras.activations.relu6, "DepthwiseConv2D": keras.layers.DepthwiseConv2D}
+    objects = {"relu6": keras.activations.relu6, "DepthwiseConv2D": keras.layers.DepthwiseConv2D}
+    target = os.environ.get("BATCHINFER_CUSTOM_OBJECTS")
+    if target:
+        module, _, attr = target.partition(":")
+        try:
+            objects.update(getattr(importlib.import_module(module), attr or "CUSTOM_OBJECTS"))
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"BATCHINFER_CUSTOM_OBJECTS={target}: {exc}") from exc
+    return objects
 
 
 def read_labels(path: str) -> list[str]:

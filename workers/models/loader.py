@@ -213,7 +213,7 @@ def _custom_graph(spec: ModelSpec) -> _Graph:
     softmax = not loaded.savedmodel and activation not in ("softmax", "sigmoid")
     preprocess = preprocess_function(spec.preprocess or loaded.sidecar.get("preprocess"), None)
     name = f"custom:{os.path.basename(str(spec.model_path).rstrip('/'))}"
-    return _Graph(model, name, loaded.fingerprint, loaded.hw, targets, preprocess, labels, softmax)
+    return _Graph(model, name, loaded.fingerprint, loaded.input_hw, targets, preprocess, labels, softmax)
 
 
 def _feature_size(shape: Any, pooling: str) -> tuple[int, list[int]]:
