@@ -70,6 +70,17 @@ def build_parser() -> Parser:
     p.add_argument("model", metavar="MODEL", help="architecture name (case-insensitive)")
     p.add_argument("--top", action="store_true", help="include the classifier head's layers")
 
+    p = sub.add_parser("train-head", help="train a classifier head on a features job's output; save base + head")
+    p.add_argument("features", metavar="FEATURES", help="Parquet output of a features job (collect or run)")
+    p.add_argument("--labels-from", default="folder", metavar="folder|CSV",
+                   help="folder: the image's parent folder name (default); or a CSV with uri,label columns")
+    p.add_argument("--output", "-o", required=True, help="the complete model to write (.keras, plus .keras.json)")
+    p.add_argument("--head", choices=("logistic", "dense"), default="logistic",
+                   help="logistic regression (default) or one hidden Dense layer")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction held out to report accuracy on")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("status", help="progress of a job")
     p.add_argument("job_id", metavar="JOB")
     p.add_argument("--watch", "-w", action="store_true", help="live progress bar until the job finishes")
@@ -173,8 +184,21 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return cmd_layers(args)
 
 
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from producer.train_head import train_head
+
+    if args.epochs < 1:
+        raise ConfigError("--epochs must be at least 1")
+    report = train_head(args.features, args.output, args.labels_from, args.head, args.epochs, args.holdout,
+                        args.seed)
+    print(f"saved {args.output} ({len(report['classes'])} classes: {', '.join(report['classes'])}); "
+          f"run it with: batchinfer run IMAGES --model-path {args.output} --output results.csv", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
-            "models": _cmd_models, "layers": _cmd_layers}
+            "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
