@@ -86,7 +86,7 @@ def test_vgg16_intermediate_layer(weights_dir, tmp_path):
     x = reference_inputs(PHOTO_PATHS, 224, arch.module)
     for pooling, reduce in (("avg", np.mean), ("max", np.max)):
         want = reduce(sub.predict(x, verbose=0), axis=(1, 2))
-        table = _run(ModelSpec(name="VGG16", weights=str(notop), task="features", layer="block4_pool",
+        table = _run(ModelSpec(name="VGG16", weights=str(notop), task="features", layers=("block4_pool",),
                                pooling=pooling, decode="keras", batch_size=8), tmp_path / pooling)
         got = np.array(table.column("features").to_pylist(), dtype=np.float32)
         assert got.shape == (len(PHOTO_PATHS), 512)
