@@ -31,10 +31,17 @@ class Parser(argparse.ArgumentParser):
 
 def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="image folder (scanned recursively), image file, or manifest (.txt, .csv/.parquet with uri)")
+                   help="image folder (scanned recursively), s3://bucket/prefix/, image file, or manifest "
+                   "(.txt, .csv/.parquet with uri; local or s3://)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching GLOB")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching GLOB")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard/task (default 256)")
+
+
+def _s3_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint-url", metavar="URL",
+                   help="S3-compatible endpoint (MinIO, Ceph) for s3:// URIs in this process; workers read "
+                   "their own $AWS_ENDPOINT_URL or $BATCHINFER_S3_ENDPOINT_URL (credentials: boto3's usual chain)")
 
 
 def _broker_option(p: argparse.ArgumentParser) -> None:
@@ -54,15 +61,17 @@ def build_parser() -> Parser:
     p.add_argument("--output", "-o", required=True, help="result file (.parquet, .csv or .jsonl)")
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no results table")
+    _s3_option(p)
 
     p = sub.add_parser("submit", help="enqueue shards for Celery workers; prints the job id last")
     _source_options(p)
     add_model_options(p)
-    p.add_argument("--output", "-o", help="folder for the per-shard Parquet files (parquet sink)")
+    p.add_argument("--output", "-o", help="folder or s3://bucket/prefix/ for the shard Parquet files (parquet sink)")
     p.add_argument("--sink", choices=SINKS, default="parquet", help="parquet (default) or redis")
     p.add_argument("--ttl", type=int, default=0, help="expiry in seconds of Redis sink rows (0: never)")
     p.add_argument("--job-id", help="name the job (default: a new timestamped id)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _s3_option(p)
     _broker_option(p)
 
     p = sub.add_parser("models", help="the architectures: input size, parameters, feature size, preprocessing")
@@ -89,11 +98,12 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("collect", help="gather a job's rows into one file")
     p.add_argument("job_id", metavar="JOB")
-    p.add_argument("--output", "-o", required=True, help="result file")
+    p.add_argument("--output", "-o", required=True, help="result file (local or s3://bucket/key)")
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish, with a progress bar")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--allow-partial", action="store_true", help="write what is done; warn about the rest")
+    _s3_option(p)
     _broker_option(p)
     return parser
 
@@ -107,6 +117,13 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ConfigError("--interval must be a positive number of seconds")
     if getattr(args, "timeout", None) is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
+    endpoint = getattr(args, "s3_endpoint_url", None)
+    if endpoint is not None:
+        if not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"--s3-endpoint-url must be an http:// or https:// URL, got {endpoint!r}")
+        from workers.storage.s3 import ENDPOINT_ENV
+
+        os.environ[ENDPOINT_ENV] = endpoint  # read by the S3 client of this process, when it is made
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -133,7 +150,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {path} is not on this machine; workers must have it", file=sys.stderr)
     if args.sink == "parquet" and not args.output:
         raise ConfigError("the parquet sink needs --output DIR (or use --sink redis)")
-    output = OutputSpec(sink=args.sink, path=os.path.abspath(args.output) if args.output else None, ttl=args.ttl)
+    path = args.output
+    if path and "://" not in path:  # a local folder: absolute, so every worker reads it the same way
+        path = os.path.abspath(path)
+    output = OutputSpec(sink=args.sink, path=path, ttl=args.ttl)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
                     shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet)

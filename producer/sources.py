@@ -1,18 +1,24 @@
-"""Sources: folders scanned recursively and manifest files, streamed as image URIs.
+"""Sources: folders scanned recursively, ``s3://`` prefixes and manifest files, streamed as image URIs.
 
-Nothing here builds a list of all URIs: folders are walked lazily and manifests are read line by
-line or batch by batch.
+Nothing here builds a list of all URIs: folders are walked lazily, object stores are listed one page
+(1000 keys) at a time while the shards are being enqueued, and manifests (local or on S3) are read
+line by line or batch by batch.
 """
 
 from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
-from workers.errors import SourceError
+from workers.errors import ShardError, SourceError
+from workers.storage import BACKENDS, scheme_of, storage_for
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
@@ -81,33 +87,92 @@ def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
     yield from visit(root)
 
 
+def is_remote(source: str) -> bool:
+    """An object-store URI (``s3://…``) rather than a local path or ``file://`` URI."""
+    return scheme_of(source) != "file"
+
+
+def remote_kind(uri: str) -> str:
+    """``image``, ``manifest`` or ``prefix`` (a folder), from the key's name alone: listing decides the rest.
+
+    ``s3://bucket``, ``s3://bucket/photos/`` and ``s3://bucket/photos`` are all prefixes (folders).
+    """
+    key = uri.split("://", 1)[1].partition("/")[2]
+    if not key or key.endswith("/"):
+        return "prefix"
+    if is_image_name(key):
+        return "image"
+    return "manifest" if key.lower().endswith(MANIFEST_EXTENSIONS) else "prefix"
+
+
+def walk_prefix(uri: str, filters: Filters = Filters()) -> Iterator[str]:
+    """Image objects below a folder-like prefix of an object store, streamed page by page.
+
+    Keys come in the store's order (S3: by key, so stable). As in folders, hidden path parts (``.x``)
+    are skipped and the filters see the key below the prefix. A listing that fails (no such bucket,
+    access denied, endpoint down) raises ``SourceError``.
+    """
+    scheme, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    prefix = f"{scheme}://{bucket}/{key if not key or key.endswith('/') else key + '/'}"
+    try:
+        for found in storage_for(prefix).list(prefix):
+            rel = found[len(prefix):]
+            if not rel or rel.endswith("/") or any(part.startswith(".") for part in rel.split("/")):
+                continue  # folder markers and hidden entries
+            if is_image_name(rel) and filters.accepts(rel):
+                yield found
+    except (OSError, ShardError) as exc:
+        raise SourceError(str(exc)) from exc
+
+
 def read_manifest(path: str) -> Iterator[str]:
     """URIs from a ``.txt`` (one per line, ``#`` comments) or a ``.csv``/``.parquet`` with a ``uri`` column.
 
-    Relative paths are taken relative to the manifest's folder. An unreadable manifest raises
-    ``SourceError`` naming it.
+    The manifest may be local or on an object store (``s3://bucket/list.txt``). Relative paths are taken
+    relative to the manifest's folder. An unreadable manifest raises ``SourceError`` naming it.
     """
     try:
         yield from _manifest_entries(path)
-    except (UnicodeDecodeError, OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+    except (UnicodeDecodeError, OSError, ValueError, ShardError) as exc:  # ArrowInvalid is a ValueError
         raise SourceError(f"{path}: cannot read manifest: {exc}") from exc
 
 
+def _text(path: str) -> IO[str]:
+    """The manifest as text, streamed; ``-sig``: Excel's "CSV UTF-8" starts with a BOM."""
+    return io.TextIOWrapper(storage_for(path).open_read(path), encoding="utf-8-sig", newline="")
+
+
+def _seekable(path: str) -> Any:
+    """A seekable binary file of ``path`` (Parquet needs one): the file itself, or a spooled copy."""
+    stream = storage_for(path).open_read(path)
+    if stream.seekable():
+        return stream
+    with stream:
+        spool = tempfile.TemporaryFile()
+        shutil.copyfileobj(stream, spool, 1 << 20)
+    spool.seek(0)
+    return spool
+
+
 def _manifest_entries(path: str) -> Iterator[str]:
-    base = os.path.dirname(os.path.abspath(path))
+    remote = is_remote(path)
+    base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
 
     def absolute(uri: str) -> str:
-        return uri if "://" in uri or os.path.isabs(uri) else os.path.join(base, uri)
+        if "://" in uri or os.path.isabs(uri):
+            return uri
+        return f"{base}/{uri}" if remote else os.path.join(base, uri)
 
     lower = path.lower()
     if lower.endswith(".txt"):
-        with open(path, encoding="utf-8-sig") as fh:
+        with _text(path) as fh:
             for line in fh:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     yield absolute(line)
     elif lower.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" has a BOM
+        with _text(path) as fh:
             reader = csv.DictReader(fh)
             if "uri" not in (reader.fieldnames or []):
                 raise SourceError(f"{path}: a CSV manifest needs a 'uri' column (has {reader.fieldnames})")
@@ -118,23 +183,33 @@ def _manifest_entries(path: str) -> Iterator[str]:
     elif lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        if "uri" not in pf.schema_arrow.names:
-            raise SourceError(f"{path}: a Parquet manifest needs a 'uri' column")
-        for batch in pf.iter_batches(columns=["uri"], batch_size=10_000):
-            for uri in batch.column(0).to_pylist():
-                if uri and uri.strip():
-                    yield absolute(uri.strip())
+        with _seekable(path) as fh:
+            pf = pq.ParquetFile(fh)
+            if "uri" not in pf.schema_arrow.names:
+                raise SourceError(f"{path}: a Parquet manifest needs a 'uri' column")
+            for batch in pf.iter_batches(columns=["uri"], batch_size=10_000):
+                for uri in batch.column(0).to_pylist():
+                    if uri and uri.strip():
+                        yield absolute(uri.strip())
     else:
         raise SourceError(f"{path}: not a folder, image or manifest (.txt, .csv, .parquet)")
 
 
 def check_sources(sources: Iterable[str]) -> None:
-    """Fail before anything is enqueued if a source is missing or of an unknown kind."""
+    """Fail before anything is enqueued if a source is missing or of an unknown kind.
+
+    Object-store sources are only checked for form here: their first listing page (or the manifest's
+    first line) is read before the job is created, and a missing bucket fails there.
+    """
     for source in sources:
-        if "://" in source and not source.startswith("file://"):
-            scheme = source.split("://", 1)[0]
-            raise SourceError(f"{source}: {scheme}:// sources are not supported yet")
+        if is_remote(source):
+            scheme = scheme_of(source)
+            if scheme not in BACKENDS:
+                known = ", ".join(f"{s}://" for s in BACKENDS if s != "file")
+                raise SourceError(f"{source}: {scheme}:// sources are not supported (paths, file:// and {known})")
+            if not source.split("://", 1)[1].split("/", 1)[0]:
+                raise SourceError(f"{source}: no bucket name ({scheme}://BUCKET/PREFIX)")
+            continue
         path = source[7:] if source.startswith("file://") else source
         if not os.path.exists(path):
             raise SourceError(f"{source}: no such file or folder")
@@ -145,12 +220,23 @@ def check_sources(sources: Iterable[str]) -> None:
 def iter_uris(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[str]:
     """Every image URI of every source, in order, lazily."""
     for source in sources:
-        path = source[7:] if source.startswith("file://") else source
-        if os.path.isdir(path):
-            yield from walk_folder(path, filters)
-        elif is_image_name(path):
-            yield os.path.abspath(path)
+        if is_remote(source):
+            kind = remote_kind(source)
+            if kind == "prefix":
+                yield from walk_prefix(source, filters)
+                continue
+            if kind == "image":
+                yield source
+                continue
+            path = source
         else:
-            for uri in read_manifest(path):
-                if filters.accepts(uri):
-                    yield uri
+            path = source[7:] if source.startswith("file://") else source
+            if os.path.isdir(path):
+                yield from walk_folder(path, filters)
+                continue
+            if is_image_name(path):
+                yield os.path.abspath(path)
+                continue
+        for uri in read_manifest(path):
+            if filters.accepts(uri):
+                yield uri

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_server import s3_endpoint  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"
 BIN = Path(sys.executable).parent

@@ -313,8 +313,8 @@ def test_check_sources_unsupported_file(tmp_path):
 
 
 def test_check_sources_unsupported_scheme():
-    with pytest.raises(SourceError, match="s3://"):
-        check_sources(["s3://bucket/prefix"])
+    with pytest.raises(SourceError, match="gs:// sources are not supported"):
+        check_sources(["gs://bucket/prefix"])
 
 
 # --- iter_uris ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 from workers import __version__
 from workers.contract import ShardTask
 from workers.decode import DECODERS, Decoded
-from workers.errors import DecodeError
+from workers.errors import DecodeError, ShardError
 from workers.jobstate import DONE, FAILED, PENDING, RUNNING, worker_name
 from workers.schema import build_batch, output_schema, with_job_metadata
 from workers.settings import Settings
@@ -51,7 +51,11 @@ class _Loaded:
 
 
 def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int]) -> _Loaded:
-    """Read and decode one image; any failure becomes that image's error, never the shard's."""
+    """Read and decode one image; any failure of the image becomes its error row.
+
+    A storage that fails as a whole (no such bucket, bad credentials, endpoint down) raises
+    ``ShardError`` instead, which fails the shard rather than writing one error row per image.
+    """
     start = time.perf_counter()
     try:
         data = storage_for(uri).read(uri)
@@ -73,12 +77,17 @@ def prefetched_batches(
     """Yield loaded batches in input order, keeping ``prefetch`` batches in flight (bounded memory)."""
     chunks = (uris[i:i + batch_size] for i in range(0, len(uris), batch_size))
     pending: deque[list[Future[_Loaded]]] = deque()
-    for chunk in chunks:
-        pending.append([pool.submit(load, uri) for uri in chunk])
-        if len(pending) > prefetch:
+    try:
+        for chunk in chunks:
+            pending.append([pool.submit(load, uri) for uri in chunk])
+            if len(pending) > prefetch:
+                yield [f.result() for f in pending.popleft()]
+        while pending:
             yield [f.result() for f in pending.popleft()]
-    while pending:
-        yield [f.result() for f in pending.popleft()]
+    finally:  # the shard failed (or stopped early): do not read what nobody will use
+        for futures in pending:
+            for f in futures:
+                f.cancel()
 
 
 def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
@@ -118,8 +127,16 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     images = errors = 0
     start = time.perf_counter()
 
+    broken: list[ShardError] = []
+
     def load(uri: str) -> _Loaded:
-        return _load(uri, decode, size)
+        if broken:  # the storage already failed as a whole: fail fast instead of retrying every image
+            raise broken[0]
+        try:
+            return _load(uri, decode, size)
+        except ShardError as exc:
+            broken.append(exc)
+            raise
 
     with open_sink(task, schema, settings) as sink, ThreadPoolExecutor(settings.io_threads) as pool:
         batches = prefetched_batches(task.uris, spec.batch_size, load, pool)

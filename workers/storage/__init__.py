@@ -1,8 +1,10 @@
 """Storage backends behind one tiny interface, chosen by URI scheme.
 
-A backend has ``read(uri) -> bytes``, ``list(prefix) -> Iterator[str]``, ``exists(uri)`` and
-``open_atomic(uri)``: an object with a local ``path`` to write, ``commit()`` (the file appears at
-``uri`` whole) and ``discard()``; it is also a context manager that commits on success.
+A backend has ``read(uri) -> bytes``, ``open_read(uri)`` (a binary stream), ``list(prefix) ->
+Iterator[str]``, ``exists(uri)`` and ``open_atomic(uri)``: an object with a local ``path`` to write,
+``commit()`` (the file appears at ``uri`` whole) and ``discard()``; it is also a context manager that
+commits on success. Backends raise ``FileNotFoundError`` / ``PermissionError`` for one object and
+``workers.errors.ShardError`` when the store itself fails (so callers never branch on the scheme).
 Schemes map to lazily imported ``"module:Class"`` strings, as kombu's transport aliases do, so a
 backend's heavy dependencies load only when it is used.
 """
@@ -16,6 +18,7 @@ from typing import Any
 
 BACKENDS = {
     "file": "workers.storage.local:LocalStorage",
+    "s3": "workers.storage.s3:S3Storage",
 }
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 
 def _umask() -> int:
@@ -55,6 +56,9 @@ class LocalStorage:
     def read(self, uri: str) -> bytes:
         with open(to_path(uri), "rb") as fh:
             return fh.read()
+
+    def open_read(self, uri: str) -> BinaryIO:
+        return open(to_path(uri), "rb")
 
     def list(self, prefix: str) -> Iterator[str]:
         for dirpath, dirnames, filenames in os.walk(to_path(prefix)):
