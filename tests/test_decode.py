@@ -305,5 +305,9 @@ def test_fast_mode_decodes_big_jpeg_at_reduced_scale(big_jpeg, monkeypatch):
     monkeypatch.setattr(Image.Image, "resize", spy)
     decoded = decode_fast(big_jpeg.read_bytes(), (224, 224))
     assert decoded.array.shape == (224, 224, 3)
-    # draft() lets libjpeg decode at 1/8 (256x256) instead of handing a 2048x2048 image to resize()
-    assert resized_from and max(max(s) for s in resized_from) <= 512, resized_from
+    # draft() lets libjpeg decode at a reduced scale instead of handing 2048x2048 to resize(): the
+    # smallest 1/2^k scale that keeps DRAFT_FACTOR x the input size (1/2 -> 1024 for 224 and factor 4)
+    from workers.decode import DRAFT_FACTOR
+
+    want = 2048 // max(k for k in (1, 2, 4, 8) if 2048 // k >= DRAFT_FACTOR * 224)
+    assert resized_from and max(max(s) for s in resized_from) == want < 2048, resized_from

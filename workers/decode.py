@@ -21,6 +21,11 @@ from PIL import Image, ImageOps
 
 from workers.errors import DecodeError
 
+# JPEGs are DCT-decoded at no less than this many times the input size; the antialiased resize does
+# the rest. 1 is fastest; larger is closer to a full decode (scripts/fidelity.py measures top-1 agreement).
+DRAFT_FACTOR = 4
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased when reducing, as every Pillow filter but NEAREST
+
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -70,18 +75,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_fast(data: bytes, size: tuple[int, int]) -> Decoded:
-    """Decode for inference at ``size`` = (height, width); see the module docstring."""
+def decode_fast(data: bytes, size: tuple[int, int], dct_scaling: bool = True) -> Decoded:
+    """Decode for inference at ``size`` = (height, width); see the module docstring.
+
+    ``dct_scaling=False`` decodes JPEGs at full resolution first (the reference the shortcut is
+    measured against; see ``scripts/fidelity.py``)."""
     height, width = size
     img = _open(data)
     orig_w, orig_h = img.size
     try:
         img.seek(0)  # animated GIF/WebP/PNG: first frame
-        side = max(height, width)  # EXIF may rotate by 90 degrees, so ask for the larger side both ways
-        img.draft("RGB", (side, side))  # JPEG only: DCT-domain downscale by 1/2, 1/4 or 1/8
+        # EXIF may rotate by 90 degrees, so ask for the larger side both ways; and keep at least twice the
+        # target so the antialiased resize, not the DCT box filter, does the last halving (top-1 fidelity)
+        side = DRAFT_FACTOR * max(height, width)
+        if dct_scaling:
+            img.draft("RGB", (side, side))  # JPEG only: DCT-domain downscale by 1/2, 1/4 or 1/8
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
+        img = img.resize((width, height), RESAMPLE)
         array = np.asarray(img, dtype=np.uint8)
     except DecodeError:
         raise
