@@ -134,7 +134,7 @@ def test_get_architecture_is_case_insensitive(name):
 
 
 @pytest.mark.parametrize("typo, suggestion", [("resnet5", "ResNet50"), ("vgg", "VGG16"),
-                                              ("mobilenet", "MobileNetV2"), ("densenet", "DenseNet121")])
+                                              ("mobilenetv4", "MobileNetV2"), ("densenet", "DenseNet121")])
 def test_unknown_architecture_suggests_the_closest(typo, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean {suggestion}") as info:
         get_architecture(typo)

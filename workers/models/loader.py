@@ -103,14 +103,35 @@ def _imagenet_error(arch: Architecture, exc: Exception) -> ConfigError:
 
 
 def _build(arch: Architecture, include_top: bool, hw: tuple[int, int], weights: str | None) -> Any:
-    ctor = getattr(importlib.import_module(arch.module), arch.constructor)
+    ctor = getattr(importlib.import_module(arch.constructor_module), arch.constructor)
     return ctor(weights=weights, include_top=include_top, input_shape=(hw[0], hw[1], 3))
 
 
 def _copy_prefix(src: Any, dst: Any) -> None:
-    """Copy weights layer by layer, by position: a no-top model is a prefix of the full one."""
+    """Copy a full model's weights into its no-top variant.
+
+    By position while the layers match (a no-top model is usually a prefix of the full one); a
+    no-top layer past that point (ConvNeXt's final layer norm) takes the weights of the first unused
+    full-model layer of the same class and weight shapes (its ``head_layernorm``).
+    """
+    def shapes(layer: Any) -> list[tuple[int, ...]]:
+        return [tuple(w.shape) for w in layer.weights]
+
+    n = 0
     for a, b in zip(src.layers, dst.layers):
+        if type(a) is not type(b) or shapes(a) != shapes(b):
+            break
         b.set_weights(a.get_weights())
+        n += 1
+    unused = list(src.layers[n:])
+    for b in dst.layers[n:]:
+        if not b.weights:
+            continue
+        match = next((a for a in unused if type(a) is type(b) and shapes(a) == shapes(b)), None)
+        if match is None:
+            raise ConfigError(f"cannot map the full model's weights onto no-top layer {b.name!r}")
+        b.set_weights(match.get_weights())
+        unused.remove(match)
 
 
 def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include_top: bool) -> tuple[Any, str]:
