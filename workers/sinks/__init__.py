@@ -8,9 +8,9 @@ idempotent per shard: re-running a shard replaces its rows, never duplicates the
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from typing import Any
+
+from workers.plugins import load
 
 SINKS = {
     "parquet": "workers.sinks.parquet:ParquetSink",
@@ -19,15 +19,7 @@ SINKS = {
 
 
 def sink_class(name: str) -> Any:
-    target = SINKS.get(name)
-    if target is None:
-        from workers.errors import ConfigError
-
-        close = difflib.get_close_matches(name, list(SINKS), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unknown sink {name!r}{hint} (known: {', '.join(SINKS)})")
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return load(SINKS, name, "sink")
 
 
 def open_sink(task: Any, schema: Any, settings: Any) -> Any:

@@ -11,10 +11,10 @@ backend's heavy dependencies load only when it is used.
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from functools import cache
 from typing import Any
+
+from workers.plugins import load
 
 BACKENDS = {
     "file": "workers.storage.local:LocalStorage",
@@ -29,15 +29,7 @@ def scheme_of(uri: str) -> str:
 
 @cache
 def _backend(scheme: str) -> Any:
-    target = BACKENDS.get(scheme)
-    if target is None:
-        close = difflib.get_close_matches(scheme, list(BACKENDS), n=1)
-        hint = f"; did you mean {close[0]}://?" if close else ""
-        from workers.errors import ConfigError
-
-        raise ConfigError(f"no storage backend for {scheme}://{hint} (known: {', '.join(BACKENDS)})")
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return load(BACKENDS, scheme, "storage scheme", "{}://")()
 
 
 def storage_for(uri: str) -> Any:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from workers.storage.base import PendingFile
 
 
 def _umask() -> int:
@@ -22,32 +22,18 @@ def to_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-class AtomicFile:
+class AtomicFile(PendingFile):
     """A local temporary path that becomes ``final`` on ``commit()`` and vanishes on ``discard()``."""
 
     def __init__(self, final: str) -> None:
         self.final = final
         folder = os.path.dirname(os.path.abspath(final))
         os.makedirs(folder, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
+        super().__init__(prefix="." + os.path.basename(final) + ".", folder=folder)
 
     def commit(self) -> None:
         os.chmod(self.path, _FILE_MODE)  # mkstemp makes 0600; give the result the usual mode
         os.replace(self.path, self.final)
-
-    def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
 
 
 class LocalStorage:

@@ -19,15 +19,14 @@ unreachable after retries) raises ``ShardError``: the shard is retried, then mar
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 from workers.errors import ConfigError, ShardError
+from workers.storage.base import PendingFile
 
 ENDPOINT_ENV = "BATCHINFER_S3_ENDPOINT_URL"
 DEFAULT_RETRY_MODE = "adaptive"
@@ -107,7 +106,7 @@ def _convert(exc: Exception, uri: str, action: str, per_object: bool = True) -> 
     return ShardError(f"cannot {action} {uri}: {code}: {message}")
 
 
-class S3Upload:
+class S3Upload(PendingFile):
     """A local temporary file that ``commit()`` uploads to ``s3://bucket/key`` in one PUT.
 
     S3 stores an object whole or not at all, so readers never see half a file; a multipart upload
@@ -117,8 +116,7 @@ class S3Upload:
     def __init__(self, storage: S3Storage, uri: str) -> None:
         self.storage, self.uri = storage, uri
         self.bucket, self.key = split_uri(uri)
-        fd, self.path = tempfile.mkstemp(prefix="batchinfer-upload-", suffix=".tmp")
-        os.close(fd)
+        super().__init__(prefix="batchinfer-upload-")
 
     def commit(self) -> None:
         from boto3.exceptions import S3UploadFailedError
@@ -134,19 +132,6 @@ class S3Upload:
                 raise _convert(cause, self.uri, "write", per_object=False) from exc
             raise ShardError(f"cannot write {self.uri}: {exc}") from exc
         finally:
-            self.discard()
-
-    def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def __enter__(self) -> S3Upload:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
             self.discard()
 
 

@@ -1,0 +1,34 @@
+"""What every storage backend's ``open_atomic`` returns: a local temporary file and its fate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+
+class PendingFile:
+    """A local temporary ``path`` to write; ``commit()`` publishes it whole, ``discard()`` drops it.
+
+    Subclasses implement ``commit``. As a context manager it commits on success, discards on error.
+    """
+
+    def __init__(self, prefix: str, folder: str | None = None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        os.close(fd)
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> PendingFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
