@@ -10,7 +10,7 @@ import os
 
 from workers.contract import DECODES, POOLINGS, PREPROCESS_FAMILIES, TASKS, ModelSpec
 from workers.errors import ConfigError
-from workers.models.registry import get_architecture, resolve_layer
+from workers.models.registry import ARCHITECTURES, get_architecture, resolve_layer
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +54,7 @@ def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True
     if len(set(args.layer)) != len(args.layer):
         raise ConfigError("each --layer may be given once")
     if args.preprocess:
-        from workers.models.registry import ARCHITECTURES as known
-
-        if args.preprocess.lower() not in (*PREPROCESS_FAMILIES, *known):
+        if args.preprocess.lower() not in (*PREPROCESS_FAMILIES, *ARCHITECTURES):
             raise ConfigError(f"unknown --preprocess {args.preprocess!r}: use {', '.join(PREPROCESS_FAMILIES)} "
                               "or an architecture name")
     paths = {"--model-path": args.model_path, "--labels": args.labels}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, replace
 from itertools import chain
@@ -82,8 +83,6 @@ def settings_with_broker(broker: str | None) -> Settings:
     settings = Settings.from_env()
     if not broker:
         return settings
-    import os
-
     state = os.environ.get("BATCHINFER_STATE_URL") or broker
     return replace(settings, broker_url=broker, state_url=state,
                    redis_sink_url=os.environ.get("BATCHINFER_REDIS_URL") or state)

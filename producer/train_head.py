@@ -4,7 +4,8 @@ Takes pooled features (Parquet from ``collect`` or ``run --task features``) and 
 folder's name, as ``image_dataset_from_directory`` infers them, or a CSV of ``uri,label``), trains a
 small classifier head (logistic regression or one hidden Dense layer) on the features, and saves a
 complete model, base + pooling + head, as ``.keras`` with a ``.json`` sidecar (labels, preprocessing,
-input size) so ``--model-path`` runs it with its own class names. Imports TensorFlow when it runs.
+input size) so ``--model-path`` runs it with its own class names. The Keras side lives in
+``workers.models.head`` and is imported only when training starts.
 """
 
 from __future__ import annotations
@@ -52,44 +53,6 @@ def read_features(path: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     return ok.column("uri").to_pylist(), feats, meta
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, classes: int, head: str, epochs: int, seed: int) -> Any:
-    """A normalisation layer (statistics of ``x``) and a softmax classifier, trained full-batch."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    norm = keras.layers.Normalization(name="head_normalization")
-    norm.adapt(x)
-    layers = [keras.Input((x.shape[1],)), norm]
-    if head == "dense":
-        layers += [keras.layers.Dense(256, activation="relu", name="head_hidden"), keras.layers.Dropout(0.2)]
-    layers.append(keras.layers.Dense(classes, activation="softmax", name="head_predictions"))
-    model = keras.Sequential(layers, name="head")
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    model.fit(x, y, epochs=epochs, batch_size=min(len(x), 256), verbose=0)
-    return model
-
-
-def complete_model(meta: dict[str, Any], head: Any) -> Any:
-    """Base model as the features job built it, its pooling, then the trained head."""
-    import keras
-
-    from workers.contract import ModelSpec
-    from workers.models.loader import _registry_graph
-
-    spec = ModelSpec(name=meta["model"], weights=meta.get("weights") or "none", task="features",
-                     layers=tuple(meta.get("layers") or ()), input_shape=tuple(meta["input_size"]),
-                     pooling=meta.get("pooling") or "avg", preprocess=meta.get("preprocess"))
-    graph = _registry_graph(spec)
-    x = graph.feature_targets[0]
-    if len(x.shape) == 4:
-        pool = keras.layers.GlobalMaxPooling2D if spec.pooling == "max" else keras.layers.GlobalAveragePooling2D
-        x = pool(name="head_pool")(x) if spec.pooling != "none" else keras.layers.Flatten(name="head_flatten")(x)
-    for layer in head.layers:
-        x = layer(x)
-    return keras.Model(graph.model.inputs, x, name=f"{graph.name}_head")
-
-
 def train_head(features: str, output: str, labels_from: str = "folder", head: str = "logistic",
                epochs: int = 300, holdout: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Train and save; return a report (classes, counts, accuracies)."""
@@ -108,6 +71,8 @@ def train_head(features: str, output: str, labels_from: str = "folder", head: st
     order = np.random.default_rng(seed).permutation(len(y))
     n_hold = int(round(len(y) * holdout))
     hold, train = order[:n_hold], order[n_hold:]
+    from workers.models.head import complete_model, fit_head  # TensorFlow: only when training
+
     model = fit_head(x[train], y[train], len(classes), head, epochs, seed)
     report = {"classes": classes, "train_images": len(train), "holdout_images": n_hold,
               "skipped_unlabelled": len(uris) - len(keep),

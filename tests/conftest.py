@@ -75,6 +75,18 @@ def redis_client(redis_url: str):
     return client
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate, then kill if it does not exit within ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Worker:
     """A `celery -A workers worker` subprocess with its log file."""
 
@@ -95,12 +107,7 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 30)
         self.fh.close()
 
 
@@ -124,6 +131,33 @@ def batchinfer(*args: str, broker: str | None = None, check: bool = True, timeou
     if check and proc.returncode != 0:
         raise AssertionError(f"batchinfer {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def submit(*args: str, broker: str) -> str:
+    """`batchinfer submit ...`; the job id is the last line of stdout."""
+    return batchinfer("submit", *args, broker=broker).stdout.strip().splitlines()[-1]
+
+
+def collect(job_id: str, output, *, broker: str, timeout: int = 600, check: bool = True):
+    """`batchinfer collect JOB --output FILE --wait`."""
+    return batchinfer("collect", job_id, "--output", str(output), "--wait", "--timeout", str(timeout),
+                      broker=broker, check=check)
+
+
+def check_rows(frame, prefix: str, expected: dict[str, str | None]) -> None:
+    """One row per input, keyed by the URI below ``prefix``; an error exactly where ``expected`` has one."""
+    import pandas as pd
+
+    assert len(frame) == len(expected), "one row per input"
+    assert frame["uri"].is_unique
+    rows = {uri[len(prefix):]: err for uri, err in zip(frame["uri"], frame["error"])}
+    assert sorted(rows) == sorted(expected)
+    for name, want in expected.items():
+        got = rows[name]
+        if want is None:
+            assert pd.isna(got), f"{name}: unexpected error {got}"
+        else:
+            assert got and want in got.lower(), f"{name}: expected an error containing {want!r}, got {got!r}"
 
 
 @pytest.fixture(scope="session")

@@ -105,13 +105,10 @@ class S3Server:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            from tests.conftest import stop_process
+
+            stop_process(self.proc, 10)
         self.proc = None
 
     def restart(self, seeds: Sequence[str] = ()) -> None:

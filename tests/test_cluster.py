@@ -9,26 +9,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tests.conftest import batchinfer, wait_until
+from tests.conftest import batchinfer, check_rows, wait_until
 from workers import keys
 from workers.contract import TASK_NAME, ShardTask
 from workers.jobstate import RedisJobStore
-
-
-def _rel(uri: str, folder) -> str:
-    return str(uri)[len(str(folder)) + 1:]
-
-
-def _check_rows(frame: pd.DataFrame, folder, expected: dict[str, str | None]) -> None:
-    rows = {_rel(u, folder): e for u, e in zip(frame["uri"], frame["error"])}
-    assert len(frame) == len(expected), "one row per input file"
-    assert sorted(rows) == sorted(expected)
-    for name, want in expected.items():
-        got = rows[name]
-        if want is None:
-            assert got is None or (isinstance(got, float) and np.isnan(got)), f"{name}: unexpected error {got}"
-        else:
-            assert got and want in got.lower(), f"{name}: expected error containing {want!r}, got {got!r}"
 
 
 def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, tmp_path):
@@ -42,7 +26,7 @@ def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, 
     result = tmp_path / "all.parquet"
     batchinfer("collect", job_id, "--output", str(result), "--wait", "--timeout", "600", broker=redis_url)
     frame = pd.read_parquet(result)
-    _check_rows(frame, folder, expected)
+    check_rows(frame, f"{folder}/", expected)
     good = frame[frame["error"].isna()]
     assert good["label"].notna().all() and (good["score"] > 0).all()
     assert all(len(k) == 5 for k in good["top_k_indices"])
@@ -100,7 +84,7 @@ def test_redis_sink_features_end_to_end(worker, redis_url, redis_client, mixed_f
     result = tmp_path / "features.jsonl"
     batchinfer("collect", job_id, "--output", str(result), "--wait", "--timeout", "600", broker=redis_url)
     frame = pd.read_json(result, lines=True)
-    _check_rows(frame, folder, expected)
+    check_rows(frame, f"{folder}/", expected)
     good = frame[frame["error"].isna()]
     dims = {len(v) for v in good["features"]}
     assert dims == {1280}, "MobileNetV2 pooled features have 1280 floats"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import custom_models
-from tests.conftest import BIN, PHOTOS, batchinfer
+from tests.conftest import BIN, PHOTOS, batchinfer, collect, submit
 
 IMAGES = sorted(PHOTOS.iterdir())
 
@@ -65,11 +65,10 @@ def test_h5_with_operator_registered_custom_objects(tmp_path):
 @pytest.mark.parametrize("kind", ["keras", "h5", "savedmodel"])
 def test_own_model_classifies_through_worker_with_its_labels(kind, saved, worker, redis_url, redis_client,
                                                              tmp_path):
-    sub = batchinfer("submit", str(PHOTOS), "--model-path", str(saved[kind]), "--labels", str(saved["labels"]),
-                     "--decode", "keras", "--top-k", "3", "--output", str(tmp_path / "shards"), broker=redis_url)
-    job_id = sub.stdout.strip().splitlines()[-1]
+    job_id = submit(str(PHOTOS), "--model-path", str(saved[kind]), "--labels", str(saved["labels"]),
+                    "--decode", "keras", "--top-k", "3", "--output", str(tmp_path / "shards"), broker=redis_url)
     out = tmp_path / "out.parquet"
-    batchinfer("collect", job_id, "--output", str(out), "--wait", "--timeout", "300", broker=redis_url)
+    collect(job_id, out, broker=redis_url, timeout=300)
     frame = pd.read_parquet(out).set_index("uri")
     model = custom_models.build()
     want = custom_models.reference(model, IMAGES)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import PHOTOS, Worker, batchinfer
+from tests.conftest import PHOTOS, Worker, batchinfer, collect, submit
 
 CATS = {"tabby", "tiger_cat", "Persian_cat", "Siamese_cat", "Egyptian_cat"}
 COFFEE = {"espresso", "cup", "coffee_mug"}
@@ -46,10 +46,10 @@ def photos(folder: Path) -> Path:
 
 def test_lite0_labels_real_photos_through_a_worker(lite_worker, redis_url, redis_client, keras_home, tmp_path):
     folder = photos(tmp_path / "in") if (tmp_path / "in").mkdir() is None else None
-    job = batchinfer("submit", str(folder), "--model", "EfficientNetLite0", "--output", str(tmp_path / "shards"),
-                     broker=redis_url).stdout.strip().splitlines()[-1]
+    job = submit(str(folder), "--model", "EfficientNetLite0", "--output", str(tmp_path / "shards"),
+                 broker=redis_url)
     out = tmp_path / "labels.parquet"
-    batchinfer("collect", job, "--output", str(out), "--wait", "--timeout", "300", broker=redis_url)
+    collect(job, out, broker=redis_url, timeout=300)
     frame = pd.read_parquet(out)
     frame["file"] = frame["uri"].map(lambda u: Path(u).name)
     rows = frame.set_index("file")

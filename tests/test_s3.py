@@ -23,7 +23,7 @@ import workers.storage
 from producer.cli import main as cli_main
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_uris
-from tests.conftest import PHOTOS, Worker, batchinfer, wait_until
+from tests.conftest import PHOTOS, Worker, batchinfer, check_rows, wait_until
 from tests.s3_server import S3Server
 from workers.contract import OutputSpec
 from workers.errors import ShardError, SourceError
@@ -83,19 +83,6 @@ def mixed_bucket(s3_endpoint: S3Server, mixed_folder) -> tuple[str, dict[str, st
     client.put_object(Bucket="mixed", Key="in/empty-folder/", Body=b"")  # a console-made "folder"
     client.put_object(Bucket="mixed", Key="in-other/cat.jpg", Body=b"same prefix, another folder")
     return "s3://mixed/in/", expected
-
-
-def _check_rows(frame: pd.DataFrame, prefix: str, expected: dict[str, str | None]) -> None:
-    assert len(frame) == len(expected), "one row per object"
-    assert frame["uri"].is_unique
-    rows = {uri[len(prefix):]: err for uri, err in zip(frame["uri"], frame["error"])}
-    assert sorted(rows) == sorted(expected)
-    for name, want in expected.items():
-        got = rows[name]
-        if want is None:
-            assert pd.isna(got), f"{name}: unexpected error {got}"
-        else:
-            assert got and want in got.lower(), f"{name}: expected an error containing {want!r}, got {got!r}"
 
 
 def _keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -298,7 +285,7 @@ def test_submit_s3_to_s3_then_collect_locally_and_to_s3(s3, s3_worker, mixed_buc
     local = tmp_path / "all.parquet"
     batchinfer("collect", job_id, "--output", str(local), "--wait", "--timeout", "300", broker=redis_url)
     frame = pd.read_parquet(local)
-    _check_rows(frame, prefix, expected)
+    check_rows(frame, prefix, expected)
     good = frame[frame["error"].isna()]
     assert good["label"].notna().all() and (good["score"] > 0).all()
     n_shards = -(-len(expected) // 4)

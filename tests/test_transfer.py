@@ -7,12 +7,8 @@ import os
 
 import pandas as pd
 
-from tests.conftest import batchinfer
+from tests.conftest import batchinfer, collect, submit
 from tests.shapes import make_shapes
-
-
-def _job(redis_url, *args) -> str:
-    return batchinfer("submit", *args, broker=redis_url).stdout.strip().splitlines()[-1]
 
 
 def test_features_train_head_classify_reaches_90_percent(worker, redis_url, redis_client, tmp_path):
@@ -20,10 +16,10 @@ def test_features_train_head_classify_reaches_90_percent(worker, redis_url, redi
     make_shapes(tmp_path / "holdout", per_class=10, seed=1)
 
     # 1. a features job through the worker (VGG16 with seeded random weights: no download needed)
-    job = _job(redis_url, str(tmp_path / "train"), "--model", "VGG16", "--weights", "none", "--task", "features",
-               "--input-size", "64", "--output", str(tmp_path / "f-shards"))
+    job = submit(str(tmp_path / "train"), "--model", "VGG16", "--weights", "none", "--task", "features",
+                 "--input-size", "64", "--output", str(tmp_path / "f-shards"), broker=redis_url)
     features = tmp_path / "features.parquet"
-    batchinfer("collect", job, "--output", str(features), "--wait", "--timeout", "600", broker=redis_url)
+    collect(job, features, broker=redis_url)
 
     # 2. train a head on the features; labels from the parent folder names
     model = tmp_path / "shapes.keras"
@@ -33,9 +29,10 @@ def test_features_train_head_classify_reaches_90_percent(worker, redis_url, redi
     assert sidecar["labels"] == ["circle", "square", "triangle"] and sidecar["preprocess"] == "VGG16"
 
     # 3. classify held-out images through the worker with the complete model and its own labels
-    job = _job(redis_url, str(tmp_path / "holdout"), "--model-path", str(model), "--output", str(tmp_path / "c"))
+    job = submit(str(tmp_path / "holdout"), "--model-path", str(model), "--output", str(tmp_path / "c"),
+                 broker=redis_url)
     result = tmp_path / "pred.csv"
-    batchinfer("collect", job, "--output", str(result), "--wait", "--timeout", "600", broker=redis_url)
+    collect(job, result, broker=redis_url)
     frame = pd.read_csv(result)
     truth = frame["uri"].map(lambda u: os.path.basename(os.path.dirname(u)))
     assert len(frame) == 30 and frame["error"].isna().all()
