@@ -29,8 +29,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
+def _source_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("sources", nargs="*" if optional else "+", metavar="SOURCE",
                    help="image folder (scanned recursively), s3://bucket/prefix/, image file, or manifest "
                    "(.txt, .csv/.parquet with uri; local or s3://)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching GLOB")
@@ -64,12 +64,14 @@ def build_parser() -> Parser:
     _s3_option(p)
 
     p = sub.add_parser("submit", help="enqueue shards for Celery workers; prints the job id last")
-    _source_options(p)
+    _source_options(p, optional=True)
     add_model_options(p)
     p.add_argument("--output", "-o", help="folder or s3://bucket/prefix/ for the shard Parquet files (parquet sink)")
     p.add_argument("--sink", choices=SINKS, default="parquet", help="parquet (default) or redis")
     p.add_argument("--ttl", type=int, default=0, help="expiry in seconds of Redis sink rows (0: never)")
-    p.add_argument("--job-id", help="name the job (default: a new timestamped id)")
+    p.add_argument("--job-id", help="name the job: letters, digits, '-', '_', '.' (default: a new timestamped id)")
+    p.add_argument("--resume", metavar="JOB", help="carry on with a submit that stopped part way (sources and "
+                   "options come from the job)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _s3_option(p)
     _broker_option(p)
@@ -96,6 +98,25 @@ def build_parser() -> Parser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
     _broker_option(p)
 
+    p = sub.add_parser("jobs", help="recent jobs and their state, newest first")
+    p.add_argument("--limit", "-n", type=int, default=20, help="how many jobs (default 20)")
+    _broker_option(p)
+
+    p = sub.add_parser("retry", help="run a job's failed (dead-lettered) shards again")
+    p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--shard", type=int, action="append", metavar="N",
+                   help="only this shard (repeatable; also re-runs a done shard whose output went missing)")
+    _broker_option(p)
+
+    p = sub.add_parser("cancel", help="cancel a job: queued shards never start, running ones stop at the next batch")
+    p.add_argument("job_id", metavar="JOB")
+    _broker_option(p)
+
+    p = sub.add_parser("delete", help="delete a job's state (and with --rows its Redis-sink rows)")
+    p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--rows", action="store_true", help="also delete the rows the Redis sink wrote")
+    _broker_option(p)
+
     p = sub.add_parser("collect", help="gather a job's rows into one file")
     p.add_argument("job_id", metavar="JOB")
     p.add_argument("--output", "-o", required=True, help="result file (local or s3://bucket/key)")
@@ -115,6 +136,12 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ConfigError("--ttl must be 0 (never expire) or a number of seconds")
     if getattr(args, "interval", 1.0) <= 0:
         raise ConfigError("--interval must be a positive number of seconds")
+    if getattr(args, "limit", 1) < 1:
+        raise ConfigError("--limit must be at least 1")
+    if getattr(args, "job_id", None) is not None:
+        from producer.jobs import check_job_id
+
+        check_job_id(args.job_id)
     if getattr(args, "timeout", None) is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     endpoint = getattr(args, "s3_endpoint_url", None)
@@ -143,8 +170,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from producer.config import missing_files
-    from producer.submit import settings_with_broker, submit
+    from producer.submit import resume, settings_with_broker, submit
 
+    if args.resume:
+        if args.sources or args.job_id:
+            raise ConfigError("--resume JOB takes no sources or --job-id: they come from the job")
+        print(resume(args.resume, settings_with_broker(args.broker), progress=not args.quiet))
+        return 0
+    if not args.sources:
+        raise ConfigError("submit needs at least one SOURCE (or --resume JOB)")
     spec = model_spec_from_args(args, files_must_exist=False)
     for path in missing_files(spec):
         print(f"{PROG}: warning: {path} is not on this machine; workers must have it", file=sys.stderr)
@@ -161,17 +195,70 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from producer.collect import get_job, wait_for
+def _store(args: argparse.Namespace) -> tuple:
     from producer.jobs import connect_store
-    from producer.status import print_status
     from producer.submit import settings_with_broker
-    from workers.jobstate import FAILED
 
-    store = connect_store(settings_with_broker(args.broker).state_url)
+    settings = settings_with_broker(args.broker)
+    return settings, connect_store(settings.state_url, settings.retention)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit 1 when shards failed for good (they need `retry`)."""
+    from producer.collect import get_job, wait_for
+    from producer.status import print_status
+
+    settings, store = _store(args)
     job = wait_for(store, args.job_id, interval=args.interval) if args.watch else get_job(store, args.job_id)
-    print_status(job)
-    return 1 if args.watch and job.count(FAILED) else 0
+    print_status(job, live_workers=store.live_workers(job.queue, 3 * settings.heartbeat_seconds))
+    return 1 if job.n_failed else 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from producer.status import jobs_table
+
+    _, store = _store(args)
+    print(jobs_table(store.recent_jobs(args.limit)))
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from producer.collect import get_job
+
+    _, store = _store(args)
+    job = get_job(store, args.job_id)
+    if job.cancelled:
+        raise ConfigError(f"job {args.job_id} was cancelled; submit it again")
+    shards = store.retry(args.job_id, args.shard)
+    if not shards:
+        what = "none of those shards can be retried (running?)" if args.shard else "no failed shards"
+        print(f"{PROG}: job {args.job_id}: {what}", file=sys.stderr)
+        return 1
+    print(f"requeued {len(shards)} shards of job {args.job_id}: "
+          f"{', '.join(f'shard-{s:06d}' for s in shards[:10])}{' ...' if len(shards) > 10 else ''}", file=sys.stderr)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from producer.collect import get_job
+
+    _, store = _store(args)
+    job = get_job(store, args.job_id)
+    if job.finished and not job.cancelled:
+        raise ConfigError(f"job {args.job_id} has already finished")
+    store.cancel(args.job_id)
+    print(f"cancelled job {args.job_id}: queued shards will not start; {job.n_running} running shards stop at "
+          "their next batch", file=sys.stderr)
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    deleted = store.delete(args.job_id, rows=args.rows)
+    if not deleted:
+        raise ConfigError(f"unknown job {args.job_id!r}")
+    print(f"deleted job {args.job_id} ({deleted} keys)", file=sys.stderr)
+    return 0
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
@@ -180,7 +267,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     from producer.submit import settings_with_broker
 
     settings = settings_with_broker(args.broker)
-    store = connect_store(settings.state_url)
+    store = connect_store(settings.state_url, settings.retention)
     redis_client = None
     job = store.get_job(args.job_id)
     if job is not None and job.spec["output"]["sink"] == "redis":
@@ -218,7 +305,8 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
-            "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head}
+            "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head, "jobs": _cmd_jobs,
+            "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,8 +71,8 @@ def wait_for(store: Any, job_id: str, interval: float = 1.0, timeout: float | No
         bar.close()
 
 
-def get_job(store: Any, job_id: str) -> JobState:
-    job = store.get_job(job_id)
+def get_job(store: Any, job_id: str, shards: bool = False) -> JobState:
+    job = store.get_job(job_id, shards=shards)
     if job is None:
         raise ConfigError(f"unknown job {job_id!r}")
     return job
@@ -85,6 +85,8 @@ def check_complete(job: JobState) -> list[str]:
         problems.append(f"submission failed: {job.submit_error}")
     elif not job.submitted:
         problems.append("submission not finished (the producer is still enqueuing, or stopped)")
+    if job.cancelled:
+        problems.append("the job was cancelled")
     total = job.shards_total if job.shards_total is not None else (max(job.shards, default=-1) + 1)
     for shard_id in range(total):
         state = job.shards.get(shard_id, {})
@@ -178,7 +180,9 @@ def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait:
             allow_partial: bool = False, timeout: float | None = None, redis_client: Any = None,
             progress: bool = True) -> int:
     """Gather a job's rows into ``path``; return the row count. See the module docstring."""
-    job = wait_for(store, job_id, timeout=timeout, progress=progress) if wait else get_job(store, job_id)
+    if wait:
+        wait_for(store, job_id, timeout=timeout, progress=progress)
+    job = get_job(store, job_id, shards=True)
     problems = check_complete(job)
     if problems and not allow_partial:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

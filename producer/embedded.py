@@ -1,7 +1,8 @@
 """``batchinfer run``: submit, work and collect in one process, with no Redis server.
 
-It drives the same ``run_shard`` function and Parquet sink as a cluster worker, with the job state
-in memory and the shard files in a temporary folder that is removed afterwards.
+It drives the same ``run_attempt`` function (``workers.attempt.run_shard``) and Parquet sink as a
+cluster worker, with the job state in memory and the shard files in a temporary folder that is
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def run(
     """Process every image of ``sources`` into ``output``; return (job id, rows written)."""
     check_sources(sources)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+    from workers.attempt import run_shard
     from workers.models.loader import PredictorCache
-    from workers.pipeline import run_shard
 
     settings = Settings.from_env()
     store = MemoryJobStore()
@@ -46,7 +47,7 @@ def run(
     n_shards = count = 0
     try:
         for shard_id, chunk in shards(iter_uris(sources, filters), shard_size):
-            store.add_shard(job_id, shard_id, len(chunk))
+            store.add_shard(job_id, shard_id, chunk)
             task = ShardTask(job_id, shard_id, chunk, model, out_spec)
             run_shard(task, store, cache.get, settings)
             n_shards, count = n_shards + 1, count + len(chunk)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 
-from workers.errors import BrokerError
-from workers.jobstate import RedisJobStore
+from workers.errors import BrokerError, ConfigError
+from workers.redis_jobstore import RedisJobStore
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def new_job_id() -> str:
     """Sortable and unique: ``YYYYmmdd-HHMMSS-xxxxxx``."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_job_id(job_id: str) -> str:
+    """Letters, digits, ``-``, ``_`` and ``.`` (not first), at most 128: safe in keys, paths and shells."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ConfigError(f"invalid job id {job_id!r}: use letters, digits, '-', '_' and '.' (at most 128, "
+                          "starting with a letter or digit)")
+    return job_id
 
 
 def redact(url: str) -> str:
@@ -24,11 +35,11 @@ def redact(url: str) -> str:
     return url
 
 
-def connect_store(url: str) -> RedisJobStore:
+def connect_store(url: str, retention: float = 7 * 24 * 3600) -> RedisJobStore:
     """A job store whose server answered a ping, or ``BrokerError`` naming the URL (password hidden)."""
     import redis
 
-    store = RedisJobStore.from_url(url)
+    store = RedisJobStore.from_url(url, retention)
     try:
         store.client.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError) as exc:

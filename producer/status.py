@@ -1,4 +1,8 @@
-"""``batchinfer status``: done/total shards and images, failures, images/s and ETA."""
+"""``batchinfer status`` and ``batchinfer jobs``: what a job is doing, read from its counters and leases.
+
+Reading a job costs a few small reads whatever its size: the counters, one lease per running shard and
+the first dead-lettered shards.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +12,90 @@ from typing import TextIO
 
 from workers.jobstate import DONE, FAILED, PENDING, RUNNING, JobState
 
+SHOWN = 20
+
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = int(round(max(seconds, 0)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def summary(job: JobState, now: float | None = None) -> str:
-    """The multi-line human summary that ``status`` prints."""
-    now = now or time.time()
-    total = job.shards_total if job.shards_total is not None else len(job.shards)
-    if job.submit_error:
-        state = "submission failed"
-    elif job.finished:
-        state = "finished with failures" if job.count(FAILED) else "done"
-    else:
-        state = "running" if job.submitted else "submitting"
-    images_total = job.images_total if job.images_total is not None else sum(
-        s.get("images_in", 0) for s in job.shards.values())
+def state_of(job: JobState) -> str:
+    if job.cancelled:
+        return "cancelled" if job.finished else "cancelling"
+    if job.submit_error and not job.submitted:
+        return "submission failed"
+    if job.finished:
+        return "finished with failures" if job.n_failed else "done"
+    return "running" if job.submitted else "submitting"
+
+
+def summary(job: JobState, now: float | None = None, live_workers: list[str] | None = None) -> str:
+    """The multi-line human summary that ``status`` prints. ``live_workers``: consumers of the job's queue."""
+    now = job.now or now or time.time()
+    total = job.shards_total if job.shards_total is not None else job.n_shards
+    images_total = job.images_total if job.images_total is not None else None
+    model = job.spec.get("model", {})
+    shards_line = (f"shards   {job.count(DONE)}/{total} done, {job.count(RUNNING)} running, "
+                   f"{job.count(PENDING)} pending, {job.count(FAILED)} failed")
+    if job.n_lost:
+        shards_line += f"; {job.n_lost} requeued from lost workers"
     lines = [
-        f"job      {job.job_id} ({state})",
-        f"model    {job.spec['model']['name']} {job.spec['model']['task']} weights={job.spec['model']['weights']}",
-        f"shards   {job.count(DONE)}/{total} done, {job.count(RUNNING)} running, "
-        f"{job.count(PENDING)} pending, {job.count(FAILED)} failed",
-        f"images   {job.images_done}/{images_total} done, {job.errors} error rows",
+        f"job      {job.job_id} ({state_of(job)})",
+        f"model    {model.get('name')} {model.get('task')} weights={model.get('weights')}",
+        shards_line,
+        f"images   {job.images_done}/{images_total if images_total is not None else '?'} done, "
+        f"{job.errors} error rows",
     ]
     rate = job.rate(now)
-    if rate:
-        remaining = max(images_total - job.images_done, 0)
-        eta = "-" if job.finished else _duration(remaining / rate)
+    idle = not job.finished and not job.cancelled and live_workers is not None and not live_workers
+    if idle:
+        lines.append(f"workers  none alive on queue '{job.queue}': nothing will progress until one starts "
+                     "(celery -A workers worker); no ETA")
+    elif rate:
+        remaining = max((images_total or 0) - job.images_done, 0)
+        eta = "-" if job.finished or job.cancelled else _duration(remaining / rate)
         lines.append(f"speed    {rate:.1f} images/s, ETA {eta}")
+    if live_workers and not job.finished:
+        lines.append(f"workers  {len(live_workers)} alive on queue '{job.queue}'")
+    for lease in job.running[:SHOWN]:
+        age = now - float(lease.get("heartbeat") or now)
+        lines.append(f"running  shard-{lease['shard']:06d} on {lease.get('worker')} (pid {lease.get('pid')}), "
+                     f"attempt {lease.get('attempt')}, heartbeat {_duration(age)} ago")
+    if len(job.running) > SHOWN:
+        lines.append(f"running  ... and {len(job.running) - SHOWN} more")
+    if job.last_lost and not job.finished:
+        lost = job.last_lost
+        lines.append(f"lost     shard-{int(lost['shard']):06d}: worker {lost.get('worker')} stopped heartbeating "
+                     f"{_duration(now - float(lost['at']))} ago; requeued")
     if job.submit_error:
         lines.append(f"submit   failed: {job.submit_error}")
-    failed = sorted((i, s) for i, s in job.shards.items() if s.get("state") == FAILED)
-    for shard_id, info in failed[:20]:
-        lines.append(f"failed   shard-{shard_id:06d}: {info.get('reason', 'unknown reason')}")
-    if len(failed) > 20:
-        lines.append(f"failed   ... and {len(failed) - 20} more")
+        if not job.submitted:
+            lines.append(f"submit   resume it with: batchinfer submit --resume {job.job_id}")
+    for info in job.failed[:SHOWN]:
+        lines.append(f"failed   shard-{info['shard']:06d} ({info.get('attempts', '?')} attempts): "
+                     f"{info.get('reason', 'unknown reason')}")
+    if job.n_failed > len(job.failed[:SHOWN]):
+        lines.append(f"failed   ... and {job.n_failed - len(job.failed[:SHOWN])} more")
+    if job.n_failed:
+        lines.append(f"retry    batchinfer retry {job.job_id}   (runs the failed shards again)")
     return "\n".join(lines)
 
 
-def print_status(job: JobState, out: TextIO = sys.stdout) -> None:
-    print(summary(job), file=out)
+def print_status(job: JobState, out: TextIO = sys.stdout, live_workers: list[str] | None = None) -> None:
+    print(summary(job, live_workers=live_workers), file=out)
+
+
+def jobs_table(jobs: list[JobState]) -> str:
+    """``batchinfer jobs``: one line per job, newest first."""
+    header = f"{'JOB':<28} {'STATE':<24} {'SHARDS':>15} {'IMAGES':>21} {'FAILED':>6}  CREATED"
+    lines = [header]
+    for job in jobs:
+        total = job.shards_total if job.shards_total is not None else job.n_shards
+        images = job.images_total if job.images_total is not None else "?"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created))
+        lines.append(f"{job.job_id:<28} {state_of(job):<24} {f'{job.n_done}/{total}':>15} "
+                     f"{f'{job.images_done}/{images}':>21} {job.n_failed:>6}  {created}")
+    return "\n".join(lines)

@@ -1,4 +1,10 @@
-"""``batchinfer submit``: stream sources into shards and enqueue one task per shard as it goes."""
+"""``batchinfer submit``: stream sources into shards and enqueue one task per shard as it goes.
+
+Each shard is recorded in the job state (with its URIs) before its message is sent, so a submit cut
+short by a broker outage can be resumed: ``submit --resume JOB`` scans the same sources again, checks
+that the last recorded shard is unchanged, sends it again (its message may not have gone out) and
+carries on from there.
+"""
 
 from __future__ import annotations
 
@@ -10,60 +16,118 @@ from typing import Any
 
 from tqdm import tqdm
 
-from producer.jobs import connect_store, new_job_id, redact
+from producer.jobs import check_job_id, connect_store, new_job_id, redact
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_uris
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardTask
-from workers.errors import BrokerError, SourceError
+from workers.errors import BrokerError, ConfigError, JobExists, SourceError
 from workers.settings import Settings
+
+
+def _outage_errors() -> tuple[type[BaseException], ...]:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
 
 
 def submit(
     sources: list[str], model: ModelSpec, output: OutputSpec, settings: Settings, *,
     filters: Filters = Filters(), shard_size: int = 256, job_id: str | None = None, progress: bool = True,
 ) -> str:
-    """Enqueue every shard of ``sources``; return the job id."""
-    from kombu.exceptions import OperationalError
-
-    from workers.app import app
-
+    """Create a job and enqueue every shard of ``sources``; return the job id."""
+    if job_id is not None:
+        check_job_id(job_id)
     check_sources(sources)
     uris = iter_uris(sources, filters)
     first = next(uris, None)
     if first is None:
         raise SourceError(f"no images found in {' '.join(sources)}")
-    store = connect_store(settings.state_url)
+    store = connect_store(settings.state_url, settings.retention)
+    app = _app(settings)
+    job_id = job_id or new_job_id()
+    spec = {"model": asdict(model), "output": asdict(output), "sources": sources, "shard_size": shard_size,
+            "include": list(filters.include), "exclude": list(filters.exclude), "queue": settings.queue}
+    if not store.create_job(job_id, spec):
+        raise JobExists(f"job {job_id} already exists (choose another --job-id, or `batchinfer delete {job_id}`)")
+    return _enqueue(store, app, settings, job_id, model, output, chain([first], uris), shard_size, progress)
+
+
+def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
+    """Carry on with a submit that stopped part way (see the module docstring)."""
+    store = connect_store(settings.state_url, settings.retention)
+    job = store.get_job(check_job_id(job_id))
+    if job is None:
+        raise ConfigError(f"unknown job {job_id!r}")
+    if job.submitted:
+        raise ConfigError(f"job {job_id} was submitted completely; nothing to resume (see `batchinfer retry`)")
+    if job.cancelled:
+        raise ConfigError(f"job {job_id} was cancelled")
+    spec = job.spec
+    settings = replace(settings, queue=spec.get("queue") or settings.queue)
+    filters = Filters(tuple(spec.get("include") or ()), tuple(spec.get("exclude") or ()))
+    check_sources(spec["sources"])
+    app = _app(settings)
+    store.resume_submit(job_id)
+    return _enqueue(store, app, settings, job_id, ModelSpec.from_dict(spec["model"]),
+                    OutputSpec.from_dict(spec["output"]), iter_uris(spec["sources"], filters), spec["shard_size"],
+                    progress, recorded=job.n_shards)
+
+
+def _app(settings: Settings) -> Any:
+    from workers.app import app
+
     app.conf.broker_url = settings.broker_url
     _check_broker(app, settings.broker_url)
-    job_id = job_id or new_job_id()
-    store.create_job(job_id, {"model": asdict(model), "output": asdict(output), "sources": sources,
-                              "shard_size": shard_size})
+    return app
+
+
+def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: ModelSpec, output: OutputSpec,
+             uris: Any, shard_size: int, progress: bool, recorded: int = 0) -> str:
+    """Record and send every shard; the first ``recorded`` ones were recorded by an earlier submit."""
     bar = tqdm(desc=f"submit {job_id}", unit="img", file=sys.stderr, disable=not progress)
     count = n_shards = 0
     try:
         with app.producer_or_acquire() as producer:
-            for shard_id, chunk in shards(chain([first], uris), shard_size):
+            for shard_id, chunk in shards(uris, shard_size):
+                count += len(chunk)
+                n_shards += 1
+                bar.update(len(chunk))
+                if shard_id < recorded - 1:
+                    continue
+                if shard_id == recorded - 1 and store.shard_uris(job_id, shard_id) != chunk:
+                    raise SourceError(f"the sources of job {job_id} changed since it was submitted "
+                                      f"(shard {shard_id} differs); submit a new job")
                 task = ShardTask(job_id, shard_id, chunk, model, output)
-                store.add_shard(job_id, shard_id, len(chunk))
+                store.add_shard(job_id, shard_id, chunk)
                 app.send_task(
                     TASK_NAME, kwargs={"task": task.to_dict()}, queue=settings.queue, producer=producer,
                     retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5},
                 )
-                count += len(chunk)
-                n_shards += 1
-                bar.update(len(chunk))
-    except OperationalError as exc:
-        error: Exception = BrokerError(f"cannot reach the broker at {redact(settings.broker_url)}: {exc}")
-        store.fail_submit(job_id, str(error))
-        raise error from exc
-    except BaseException as exc:  # a bad manifest mid-stream, Ctrl-C: the job must not look "submitting" forever
-        store.fail_submit(job_id, f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
+    except _outage_errors() as exc:
         bar.close()
+        _mark_failed(store, job_id, f"broker unreachable after {n_shards} shards")
+        print(job_id)  # the job exists: scripts can resume it
+        raise BrokerError(f"lost the broker at {redact(settings.broker_url)} after {n_shards} shards ({exc}); "
+                          f"job {job_id} is incomplete: resume it with `batchinfer submit --resume {job_id}`") from exc
+    except BaseException as exc:  # a bad manifest mid-stream, Ctrl-C: the job must not look "submitting" forever
+        bar.close()
+        _mark_failed(store, job_id, f"{type(exc).__name__}: {exc}")
+        raise
+    bar.close()
+    if n_shards < recorded:
+        raise SourceError(f"the sources of job {job_id} now have fewer shards ({n_shards}) than were submitted "
+                          f"({recorded}); submit a new job")
     store.finish_submit(job_id, n_shards, count)
     print(f"submitted {count} images in {n_shards} shards as job {job_id}", file=sys.stderr)
     return job_id
+
+
+def _mark_failed(store: Any, job_id: str, reason: str) -> None:
+    try:
+        store.fail_submit(job_id, reason)
+    except _outage_errors():  # the state store is down too: the job stays "submitting" until resumed
+        pass
 
 
 def _check_broker(app: Any, url: str) -> None:

@@ -44,13 +44,13 @@ def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, 
     # the model was built once and kept warm for every later shard
     assert worker.text().count("built MobileNetV2 (classify") == 1
 
-    # idempotency: the same shard delivered twice leaves one copy of its rows
+    # idempotency: the same shard delivered twice is recognised as done and leaves one copy of its rows
     store = RedisJobStore.from_url(redis_url)
-    job = store.get_job(job_id)
+    job = store.get_job(job_id, shards=True)
     before = job.shards[0]["updated"]
     _resend_shard(redis_url, store, job_id, 0, job.spec)
-    wait_until(lambda: store.get_job(job_id).shards[0]["updated"] > before
-               and store.get_job(job_id).shards[0]["state"] == "done", 120, "re-run shard")
+    wait_until(lambda: f"job {job_id} shard-000000: not run (done)" in worker.text(), 120, "duplicate skipped")
+    assert store.get_job(job_id, shards=True).shards[0]["updated"] == before
     again = tmp_path / "again.csv"
     batchinfer("collect", job_id, "--output", str(again), broker=redis_url)
     frame2 = pd.read_csv(again)
@@ -59,21 +59,13 @@ def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, 
 
 
 def _resend_shard(redis_url, store, job_id, shard_id, spec) -> None:
+    """Send a shard's message again, as a broker redelivery would (its URIs come from the job state)."""
     from workers.app import app
 
     app.conf.broker_url = redis_url
-    uris = _shard_uris(store, job_id, shard_id, spec)
-    task = ShardTask.from_dict({"job_id": job_id, "shard_id": shard_id, "uris": uris,
+    task = ShardTask.from_dict({"job_id": job_id, "shard_id": shard_id, "uris": store.shard_uris(job_id, shard_id),
                                 "model": spec["model"], "output": spec["output"]})
     app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, queue="batchinfer")
-
-
-def _shard_uris(store, job_id, shard_id, spec) -> list[str]:
-    if spec["output"]["sink"] == "parquet":
-        table = pq.read_table(f"{spec['output']['path']}/shard-{shard_id:06d}.parquet", columns=["uri"])
-        return table.column("uri").to_pylist()
-    raw = store.client.lrange(keys.shard_rows(job_id, f"shard-{shard_id:06d}"), 0, -1)
-    return [store.client.hget(k, "uri").decode() for k in raw]
 
 
 def test_redis_sink_features_end_to_end(worker, redis_url, redis_client, mixed_folder, tmp_path):
@@ -99,14 +91,16 @@ def test_redis_sink_features_end_to_end(worker, redis_url, redis_client, mixed_f
     bad = next(u for u, e in zip(frame["uri"], frame["error"]) if isinstance(e, str))
     assert b"error" in redis_client.hgetall(keys.image(job_id, bad))
 
-    # re-running a shard rewrites the same keys: still one row per image
+    # `retry --shard` runs a done shard again: it rewrites the same keys, still one row per image
     store = RedisJobStore.from_url(redis_url)
-    job = store.get_job(job_id)
+    job = store.get_job(job_id, shards=True)
     before = job.shards[1]["updated"]
     n_keys = len(redis_client.keys(keys.image(job_id, "*")))
-    _resend_shard(redis_url, store, job_id, 1, job.spec)
-    wait_until(lambda: store.get_job(job_id).shards[1]["updated"] > before
-               and store.get_job(job_id).shards[1]["state"] == "done", 120, "re-run shard")
+    redis_client.hdel(keys.committed(job_id), "shard-000001")  # as if its rows had expired: really redo it
+    batchinfer("retry", job_id, "--shard", "1", broker=redis_url)
+    wait_until(lambda: store.get_job(job_id, shards=True).shards[1]["updated"] > before
+               and store.get_job(job_id, shards=True).shards[1]["state"] == "done", 120, "re-run shard")
+    assert store.get_job(job_id, shards=True).shards[1]["runs"] == 2
     assert len(redis_client.keys(keys.image(job_id, "*"))) == n_keys == len(expected)
     again = tmp_path / "again.parquet"
     batchinfer("collect", job_id, "--output", str(again), broker=redis_url)
@@ -132,8 +126,10 @@ def test_failed_shards_are_reported(worker, redis_url, redis_client, tmp_path):
     assert time.monotonic() - started < 300
     assert col.returncode != 0 and "Traceback" not in col.stderr
     assert "shard-000000: failed" in col.stderr and "weights file not found" in col.stderr
-    status = batchinfer("status", job_id, broker=redis_url).stdout
-    assert "3 failed" in status and "weights file not found" in status
+    status = batchinfer("status", job_id, broker=redis_url, check=False)
+    assert status.returncode == 1, "failed shards make status exit non-zero"
+    assert "3 failed" in status.stdout and "weights file not found" in status.stdout
+    assert f"batchinfer retry {job_id}" in status.stdout
 
 
 def test_submit_failing_mid_stream_marks_the_job(redis_url, redis_client, tmp_path):

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import PHOTOS
+from workers.attempt import run_shard
 from workers.contract import ModelSpec, OutputSpec, ShardTask
 from workers.jobstate import MemoryJobStore
 from workers.models.loader import PredictorCache
-from workers.pipeline import run_shard
 
 URIS = [str(p) for p in sorted(PHOTOS.iterdir())]
 CACHE = PredictorCache(maxsize=4)

@@ -14,11 +14,11 @@ import pytest
 
 from tests.conftest import PHOTOS
 from tests.weights import constructor, make_weights, reference_inputs
+from workers.attempt import run_shard
 from workers.contract import ModelSpec, OutputSpec, ShardTask
 from workers.jobstate import MemoryJobStore
 from workers.models.loader import PredictorCache
 from workers.models.registry import SEED_ARCHITECTURES, get_architecture, model_info
-from workers.pipeline import run_shard
 
 PHOTO_PATHS = sorted(PHOTOS.iterdir())
 BATCH = len(PHOTO_PATHS)  # one batch per shard

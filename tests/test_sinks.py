@@ -8,7 +8,7 @@ import pytest
 
 from producer.collect import shard_tables
 from workers.contract import ModelSpec, OutputSpec, ShardTask
-from workers.jobstate import DONE, MemoryJobStore
+from workers.jobstate import DONE, Holder, MemoryJobStore
 from workers.schema import build_batch, output_schema
 from workers.settings import Settings
 from workers.sinks import open_sink, sink_class
@@ -42,7 +42,11 @@ def _read(job_id: str, output: OutputSpec, settings: Settings, shard_id: int = 0
 
     store = MemoryJobStore()
     store.create_job(job_id, {"model": {"task": "features", "top_k": 5}, "output": output.__dict__})
-    store.update_shard(job_id, shard_id, DONE)
+    store.add_shard(job_id, shard_id, [])
+    holder = Holder("test")
+    store.begin(job_id, shard_id, holder, 60, 1)
+    store.finish(job_id, shard_id, holder.token, {"images": 0, "errors": 0})
+    assert store.get_job(job_id).shards[shard_id]["state"] == DONE
     client = redis.Redis.from_url(settings.redis_sink_url) if output.sink == "redis" else None
     return pa.concat_tables(list(shard_tables(store.get_job(job_id), output, client)))
 
@@ -85,3 +89,28 @@ def test_unknown_sink_suggests():
 
     with pytest.raises(ConfigError, match="did you mean parquet"):
         sink_class("parquett")
+
+
+def test_sink_knows_its_committed_shards(sink_setup, tmp_path):
+    """A new attempt asks the sink whether an earlier one committed the shard (then it is not redone)."""
+    from workers.schema import with_job_metadata
+
+    output, settings = sink_setup
+    uris = ["/a/1.jpg", "/a/bad.jpg", "/a/2.jpg"]
+    task = ShardTask("job2", 3, uris, ModelSpec(task="features"), output)
+    schema = with_job_metadata(output_schema("features", feature_dim=DIM), {"job_id": "job2", "shard_id": 3})
+    sink = sink_class(output.sink)
+    assert sink.committed(task, settings) is None, "nothing committed yet"
+    with pytest.raises(RuntimeError), open_sink(task, schema, settings) as open_:
+        open_.write(_batch(schema, uris, 1.0))
+        raise RuntimeError("killed before the commit")
+    assert sink.committed(task, settings) is None, "an aborted attempt commits nothing"
+    with open_sink(task, schema, settings) as open_:
+        open_.write(_batch(schema, uris, 1.0))
+    assert sink.committed(task, settings) == {"images": 3, "errors": 1}
+    other_job = ShardTask("job3", 3, uris, ModelSpec(task="features"), output)
+    assert sink.committed(other_job, settings) is None, "another job's rows in the same place do not count"
+    if output.sink == "parquet":  # temporary files that killed attempts left behind are cleared
+        stale = tmp_path / "out" / ".shard-000003.parquet.abc123.tmp"
+        stale.write_bytes(b"half a file")
+        assert sink.committed(task, settings) == {"images": 3, "errors": 1} and not stale.exists()

@@ -217,10 +217,10 @@ def test_cli_layers_unknown_model_is_one_line(batchinfer_no_tf):
 
 @pytest.mark.parametrize("name", ["EfficientNetB0", "MobileNetV3Small", "ConvNeXtTiny", "EfficientNetV2B0"])
 def test_features_smoke_through_the_pipeline(name, tmp_path):
+    from workers.attempt import run_shard
     from workers.contract import ModelSpec, OutputSpec, ShardTask
     from workers.jobstate import MemoryJobStore
     from workers.models.loader import PredictorCache
-    from workers.pipeline import run_shard
 
     photos = [str(p) for p in sorted(PHOTOS.iterdir())]
     store = MemoryJobStore()

@@ -13,6 +13,7 @@ import os
 from celery import Celery
 
 from workers.contract import TASK_NAME
+from workers.recovery import recovery_step
 from workers.settings import Settings
 
 ENV_PREFIX = "BATCHINFER_CELERY_"
@@ -28,7 +29,10 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
         "result_accept_content": ["json"],
         "event_serializer": "json",
         "task_acks_late": True,  # a shard is acknowledged only after its output is committed
-        "task_reject_on_worker_lost": True,  # a killed worker's shard goes back to the queue
+        "task_reject_on_worker_lost": True,  # a killed pool child's shard goes back to the queue at once
+        # a shard running past the limit is failed like a crash (soft: an exception; hard: the child is killed)
+        "task_soft_time_limit": settings.shard_time_limit,
+        "task_time_limit": settings.shard_time_limit + 60,
         "worker_prefetch_multiplier": 1,  # never hold shards another idle worker could run
         "worker_concurrency": 1,  # one process per GPU; TensorFlow already uses every CPU core
         "task_ignore_result": True,  # progress lives in the job state, not in a result backend
@@ -51,3 +55,4 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
 
 app = Celery("batchinfer", include=["workers.tasks"])
 app.conf.update(celery_config(Settings.from_env()))
+app.steps["worker"].add(recovery_step())

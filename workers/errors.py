@@ -5,6 +5,8 @@
      ├── SourceError        a source (folder, manifest) cannot be read at submit time
      ├── BrokerError        the broker or state store cannot be reached
      ├── ShardError         a whole shard failed (sink or storage down): retried, then reported
+     ├── ShardStopped       an attempt stopped between batches (cancelled, worker stopping, lease lost)
+     ├── JobExists          a job id that is already taken
      └── DecodeError        one image cannot be used: becomes an output row with `error`, never stops a shard
 """
 
@@ -27,6 +29,18 @@ class BrokerError(BatchInferError):
 
 class ShardError(BatchInferError):
     """A whole shard failed for a reason that may be transient."""
+
+
+class ShardStopped(BatchInferError):
+    """An attempt stopped before its end on purpose; ``reason`` says why (see ``workers.lease``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobExists(BatchInferError):
+    """``--job-id`` names a job that already exists."""
 
 
 class DecodeError(BatchInferError):

@@ -3,7 +3,7 @@
 Reading and decoding run on a thread pool (Pillow and file I/O release the GIL) and stay up to
 ``prefetch`` batches ahead of the model, so the next batch is ready while the current one runs.
 ``process_shard`` is a plain function: the Celery task and the embedded ``batchinfer run`` both
-call it through ``run_shard``, which records the shard's state around it.
+call it through ``workers.attempt.run_attempt``, which records the shard's state around it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import numpy as np
 from workers import __version__
 from workers.contract import ShardTask
 from workers.decode import DECODERS, Decoded
-from workers.errors import DecodeError, ShardError
-from workers.jobstate import DONE, FAILED, PENDING, RUNNING, worker_name
+from workers.errors import DecodeError, ShardError, ShardStopped
 from workers.schema import build_batch, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
@@ -113,8 +112,13 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
     }
 
 
-def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None) -> ShardResult:
-    """Run one shard through ``predictor`` into its sink; return counts and stage timings."""
+def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
+                  should_stop: Callable[[], str | None] | None = None) -> ShardResult:
+    """Run one shard through ``predictor`` into its sink; return counts and stage timings.
+
+    ``should_stop`` is asked before each batch; a reason makes it raise ``ShardStopped``, and the sink
+    discards what it wrote (nothing of the shard is committed).
+    """
     settings = settings or Settings.from_env()
     spec = task.model
     decode = DECODERS[spec.decode]
@@ -141,6 +145,9 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     with open_sink(task, schema, settings) as sink, ThreadPoolExecutor(settings.io_threads) as pool:
         batches = prefetched_batches(task.uris, spec.batch_size, load, pool)
         while True:
+            reason = should_stop() if should_stop else None
+            if reason:
+                raise ShardStopped(reason)
             t0 = time.perf_counter()
             batch = next(batches, None)
             timings["wait"] += time.perf_counter() - t0
@@ -171,27 +178,3 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
         timings["total"], ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
     )
     return ShardResult(task.job_id, task.shard_id, images, errors, timings)
-
-
-def run_shard(
-    task: ShardTask, store: Any, get_predictor: Callable[[Any], Any], settings: Settings | None = None,
-    final_attempt: bool = True,
-) -> ShardResult:
-    """``process_shard`` with its state recorded: running, then done (after the commit) or failed.
-
-    A failure on an attempt that will be retried leaves the shard pending, with the reason.
-    """
-    started = time.time()
-    store.update_shard(task.job_id, task.shard_id, RUNNING, started=started, worker=worker_name())
-    try:
-        predictor = get_predictor(task.model)
-        result = process_shard(task, predictor, settings)
-    except BaseException as exc:
-        state = FAILED if final_attempt else PENDING
-        store.update_shard(task.job_id, task.shard_id, state, reason=f"{type(exc).__name__}: {exc}")
-        raise
-    store.update_shard(
-        task.job_id, task.shard_id, DONE, images=result.images, errors=result.errors,
-        started=started, finished=time.time(), seconds=round(result.timings["total"], 3),
-    )
-    return result

@@ -22,9 +22,23 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _positive(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Environment configuration; see the README's table of variables."""
+    """Environment configuration; see the README's table of variables.
+
+    The failure settings: a running shard's lease lasts ``lease_seconds`` and is renewed every
+    ``heartbeat_seconds`` (also how often each worker looks for expired leases and due shards); a shard
+    gets ``max_attempts`` deliveries; a failed attempt is retried after ``retry_backoff`` x 4^(n-1)
+    seconds (at most ``retry_backoff_max``, +-25 % jitter); an attempt running past ``shard_time_limit``
+    seconds is failed like a crash; a finished job's state is kept ``retention`` seconds.
+    """
 
     broker_url: str = DEFAULT_BROKER_URL
     state_url: str = DEFAULT_BROKER_URL
@@ -33,6 +47,13 @@ class Settings:
     visibility_timeout: int = 6 * 3600
     io_threads: int = 8
     model_cache_size: int = 2
+    lease_seconds: int = 60
+    heartbeat_seconds: int = 10
+    max_attempts: int = 3
+    retry_backoff: int = 60
+    retry_backoff_max: int = 900
+    shard_time_limit: int = 3600
+    retention: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -47,4 +68,24 @@ class Settings:
             visibility_timeout=_int(env, "BATCHINFER_VISIBILITY_TIMEOUT", 6 * 3600),
             io_threads=_int(env, "BATCHINFER_IO_THREADS", 8),
             model_cache_size=_int(env, "BATCHINFER_MODEL_CACHE_SIZE", 2),
-        )
+            lease_seconds=_positive(env, "BATCHINFER_LEASE_SECONDS", 60),
+            heartbeat_seconds=_positive(env, "BATCHINFER_HEARTBEAT_SECONDS", 10),
+            max_attempts=_positive(env, "BATCHINFER_MAX_ATTEMPTS", 3),
+            retry_backoff=_positive(env, "BATCHINFER_RETRY_BACKOFF", 60),
+            retry_backoff_max=_positive(env, "BATCHINFER_RETRY_BACKOFF_MAX", 900),
+            shard_time_limit=_positive(env, "BATCHINFER_SHARD_TIME_LIMIT", 3600),
+            retention=_positive(env, "BATCHINFER_RETENTION", 7 * 24 * 3600),
+        ).checked()
+
+    def checked(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(f"BATCHINFER_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
+                             f"BATCHINFER_LEASE_SECONDS ({self.lease_seconds}), or live shards would lose their lease")
+        return self
+
+    def backoff(self, attempt: int, jitter: float = 0.5) -> float:
+        """Seconds to wait before retrying after failed attempt number ``attempt`` (1-based)."""
+        import random
+
+        base = min(self.retry_backoff_max, self.retry_backoff * 4 ** max(attempt - 1, 0))
+        return base * (1 + jitter * (random.random() - 0.5))

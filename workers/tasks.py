@@ -1,4 +1,10 @@
-"""The Celery task: a thin shell that decodes the JSON message and calls ``run_shard``."""
+"""The Celery task: a thin shell that decodes the JSON message and calls ``run_attempt``.
+
+The attempt's outcome becomes Celery's own states: done or skipped (a duplicate delivery) -> SUCCESS,
+a failed attempt that will be retried after its backoff -> RETRY, a shard failed for good -> FAILURE.
+Retries are scheduled in the job state (``workers.recovery`` enqueues them when due), not as ETA
+messages held in a worker's memory.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,23 @@ import logging
 from functools import lru_cache
 from typing import Any
 
+from celery.exceptions import Retry
+from celery.signals import worker_shutting_down
+
 from workers.app import app
+from workers.attempt import FAILED, RETRYING, run_attempt
 from workers.contract import TASK_NAME, ShardTask
-from workers.errors import ConfigError
-from workers.jobstate import RedisJobStore
-from workers.pipeline import run_shard
+from workers.errors import ShardError
+from workers.jobstate import Holder
+from workers.lease import request_stop
+from workers.redis_jobstore import RedisJobStore
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 3
+
+
+class ShardFailed(ShardError):
+    """The shard failed for good (dead-lettered); ``batchinfer retry`` runs it again."""
 
 
 @lru_cache(maxsize=1)
@@ -23,24 +37,26 @@ def _process_state() -> tuple[Settings, RedisJobStore, Any]:
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
-    return settings, RedisJobStore.from_url(settings.state_url), PredictorCache(settings.model_cache_size)
+    store = RedisJobStore.from_url(settings.state_url, settings.retention)
+    return settings, store, PredictorCache(settings.model_cache_size)
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=MAX_RETRIES)
+@worker_shutting_down.connect
+def _hand_back_on_shutdown(**_: Any) -> None:
+    """SIGTERM (warm shutdown): running shards stop at their next batch and go back to the queue."""
+    request_stop()
+
+
+@app.task(name=TASK_NAME, bind=True)
 def process_shard_task(self: Any, task: dict[str, Any]) -> dict[str, Any]:
-    """Process one shard; a bad configuration fails it at once, other failures are retried."""
+    """Process one delivery of a shard; see the module docstring for how it ends."""
     shard = ShardTask.from_dict(task)
     settings, store, cache = _process_state()
-    final = self.request.retries >= MAX_RETRIES
-    try:
-        result = run_shard(shard, store, cache.get, settings, final_attempt=final)
-    except ConfigError as exc:
-        if not final:  # retrying cannot fix a configuration: record the failure now
-            store.update_shard(shard.job_id, shard.shard_id, "failed", reason=str(exc))
-        log.error("job %s shard %s failed: %s", shard.job_id, shard.name, exc)
-        return {"job_id": shard.job_id, "shard_id": shard.shard_id, "error": str(exc)}
-    except Exception as exc:
-        if final:
-            raise
-        raise self.retry(exc=exc, countdown=2 ** self.request.retries) from exc
-    return {"job_id": shard.job_id, "shard_id": shard.shard_id, "images": result.images, "errors": result.errors}
+    holder = Holder(worker=self.request.hostname or "celery",
+                    delivery_tag=(self.request.properties or {}).get("delivery_tag"))
+    outcome = run_attempt(shard, store, cache.get, settings, holder)
+    if outcome.state == FAILED:
+        raise ShardFailed(f"job {shard.job_id} {shard.name}: {outcome.detail}")
+    if outcome.state == RETRYING:
+        raise Retry(f"attempt {outcome.attempt} failed: {outcome.detail}", when=outcome.retry_in)
+    return outcome.summary(shard)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 
@@ -19,6 +20,15 @@ class Sink:
 
     def abort(self) -> None:
         """Discard uncommitted rows; the shard's previous output (if any) stays as it was."""
+
+    @classmethod
+    def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
+        """``{"images", "errors"}`` of this job's rows for ``task``'s shard if they are committed, else None.
+
+        A new attempt of a shard asks this instead of redoing work an earlier attempt committed but could
+        not record; it is also where the sink clears what killed attempts left behind.
+        """
+        return None
 
     def __enter__(self) -> Sink:
         return self

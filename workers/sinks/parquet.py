@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -11,8 +12,10 @@ import pyarrow.parquet as pq
 
 from workers.contract import shard_name
 from workers.errors import ConfigError
+from workers.schema import METADATA_KEY
 from workers.sinks.base import Sink
 from workers.storage import storage_for
+from workers.storage.local import to_path as storage_path
 
 
 def shard_uri(output: str, shard_id: int) -> str:
@@ -45,6 +48,30 @@ class ParquetSink(Sink):
         with contextlib.suppress(Exception):
             self._writer.close()
         self._file.discard()
+
+
+    @classmethod
+    def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
+        if not task.output.path:
+            return None
+        uri = shard_uri(task.output.path, task.shard_id)
+        storage = storage_for(uri)
+        if hasattr(storage, "remove_stale"):  # temporary files that killed attempts of this shard left
+            storage.remove_stale(uri)
+        if not storage.exists(uri):
+            return None
+        meta = pq.read_metadata(io.BytesIO(storage.read(uri)) if "://" in uri else storage_path(uri))
+        job = json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}"))
+        if job.get("job_id") != task.job_id or meta.num_rows != len(task.uris):
+            return None  # another job's file in the same folder, or a different shard layout
+        error_col = meta.schema.to_arrow_schema().get_field_index("error")
+        nulls = 0
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(error_col).statistics
+            if stats is None or not stats.has_null_count:
+                return None
+            nulls += stats.null_count
+        return {"images": meta.num_rows, "errors": meta.num_rows - nulls}
 
 
 def read_shard(uri: str) -> pa.Table:

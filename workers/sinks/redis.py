@@ -4,7 +4,8 @@ Fields: ``uri``, ``shard``, ``width``, ``height``, ``error`` (only on failure); 
 ``label``, ``score`` and ``top_k_indices`` / ``top_k_labels`` / ``top_k_scores`` as JSON lists;
 for features ``features`` (or ``features_<layer>``) as raw little-endian float32 bytes (the layout
 RediSearch vector fields index). Rows are first written under staging keys; ``close()`` renames them over the final keys
-and replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}`` in one MULTI/EXEC, so a
+and replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}`` (and its counts in
+``batchinfer:job:{job}:committed``) in one MULTI/EXEC, so a
 crashed attempt changes nothing and a re-run overwrites the same keys (rows are never duplicated).
 Staging keys expire after a day if a worker dies before it can clean up.
 """
@@ -41,10 +42,12 @@ class RedisSink(Sink):
         self.schema = schema
         self.staging = keys.staging(self.job_id, self.shard, uuid.uuid4().hex[:12])
         self.staged: list[tuple[str, str]] = []  # (staging key, final key)
+        self.errors = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         pipe = self.client.pipeline(transaction=False)
         for row in batch.to_pylist():
+            self.errors += row.get("error") is not None
             temp = f"{self.staging}:{len(self.staged)}"
             pipe.hset(temp, mapping=encode_row(row, self.shard))
             pipe.expire(temp, STAGING_TTL)
@@ -68,7 +71,21 @@ class RedisSink(Sink):
             pipe.rpush(rows_key, *(final for _, final in self.staged))
             if self.ttl:
                 pipe.expire(rows_key, self.ttl)
+        # the commit record a later attempt reads instead of redoing the shard (see ``committed``)
+        pipe.hset(keys.committed(self.job_id), self.shard,
+                  json.dumps({"images": len(self.staged), "errors": self.errors}))
+        if self.ttl:
+            pipe.expire(keys.committed(self.job_id), self.ttl)
         pipe.execute()
+
+    @classmethod
+    def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
+        client = redis.Redis.from_url((settings or Settings.from_env()).redis_sink_url)
+        raw = client.hget(keys.committed(task.job_id), task.name)
+        if raw is None:
+            return None
+        counts = json.loads(raw)
+        return counts if counts.get("images") == len(task.uris) else None
 
     def abort(self) -> None:
         if self.staged:

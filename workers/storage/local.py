@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -54,6 +56,17 @@ class LocalStorage:
 
     def exists(self, uri: str) -> bool:
         return os.path.exists(to_path(uri))
+
+    def remove_stale(self, uri: str) -> int:
+        """Delete temporary files that killed writers of ``uri`` left behind; return how many."""
+        final = to_path(uri)
+        folder, name = os.path.split(os.path.abspath(final))
+        removed = 0
+        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+                removed += 1
+        return removed
 
     def open_atomic(self, uri: str) -> AtomicFile:
         """Write to a hidden temporary name in the same folder; ``commit()`` renames it over ``uri``."""

@@ -1,0 +1,218 @@
+"""Job state in Redis: the state machine of ``workers.jobstate`` as Lua scripts (``workers.lua``).
+
+Key layout in ``workers.keys``. A shard's URIs are kept with its state (``job:{job}:uris``, a
+zlib-compressed JSON list per shard) so a shard can be re-enqueued without its original message.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+from workers import keys, lua
+from workers.jobstate import Begin, Holder, JobState
+
+
+def _s(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _f(value: Any) -> float | None:
+    return float(value) if value not in (None, b"", "") else None
+
+
+def pack_uris(uris: list[str]) -> bytes:
+    return zlib.compress(json.dumps(uris, separators=(",", ":")).encode(), 6)
+
+
+def unpack_uris(blob: bytes) -> list[str]:
+    return json.loads(zlib.decompress(blob))
+
+
+class RedisJobStore:
+    """Job state in Redis; see ``workers.keys`` for the layout and ``workers.lua`` for the transitions."""
+
+    def __init__(self, client: Any, retention: float = 7 * 24 * 3600) -> None:
+        self.client = client
+        self.retention = int(retention)
+        self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
+            "BEGIN", "HEARTBEAT", "FINISH", "FAIL", "RELEASE", "REAP", "RETRY", "CANCEL", "SUBMIT_DONE", "RESUME",
+            "ADD_SHARD", "CREATE", "CLAIM_DUE", "DROP_CLAIMED")}
+
+    @classmethod
+    def from_url(cls, url: str, retention: float = 7 * 24 * 3600, socket_timeout: float | None = 30) -> RedisJobStore:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout,
+                                      health_check_interval=30)
+        return cls(client, retention)
+
+    def _transition(self, name: str, job_id: str, shard_id: int | str, *args: Any) -> Any:
+        return self._scripts[name](keys=lua.keys_of(job_id), args=[job_id, shard_id, self.retention, *args])
+
+    # -- the producer's side --
+    def create_job(self, job_id: str, spec: dict[str, Any]) -> bool:
+        return bool(self._scripts["CREATE"](keys=[keys.job(job_id), keys.jobs(), keys.active()],
+                                            args=[job_id, json.dumps(spec), 0, spec.get("queue") or "batchinfer"]))
+
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str]) -> bool:
+        return bool(self._scripts["ADD_SHARD"](keys=[keys.job(job_id), keys.shards(job_id), keys.uris(job_id)],
+                                               args=[shard_id, len(uris), pack_uris(uris)]))
+
+    def finish_submit(self, job_id: str, shards: int, images: int) -> None:
+        self._transition("SUBMIT_DONE", job_id, "", shards, images, "")
+
+    def fail_submit(self, job_id: str, reason: str) -> None:
+        self._transition("SUBMIT_DONE", job_id, "", "", "", reason or "failed")
+
+    def resume_submit(self, job_id: str) -> None:
+        self._transition("RESUME", job_id, "")
+
+    # -- an attempt's side --
+    def begin(self, job_id: str, shard_id: int, holder: Holder, lease_seconds: float, max_attempts: int,
+              takeover: str | None = None) -> Begin:
+        out = self._transition("BEGIN", job_id, shard_id, json.dumps(holder.lease()), lease_seconds, max_attempts,
+                               takeover or "")
+        action = _s(out[0])
+        attempt = int(out[1]) if len(out) > 1 else 0
+        runs = int(out[2]) if len(out) > 2 else 0
+        lease = json.loads(out[3]) if len(out) > 3 and out[3] else None
+        reason = _s(out[4]) if len(out) > 4 else None
+        return Begin(action, attempt, runs, lease, reason)  # type: ignore[arg-type]
+
+    def heartbeat(self, job_id: str, shard_id: int, token: str, lease_seconds: float) -> str:
+        return _s(self._transition("HEARTBEAT", job_id, shard_id, token, lease_seconds))  # type: ignore[return-value]
+
+    def finish(self, job_id: str, shard_id: int, token: str, result: dict[str, Any]) -> str:
+        return _s(self._transition("FINISH", job_id, shard_id, token, json.dumps(result)))  # type: ignore[return-value]
+
+    def fail(self, job_id: str, shard_id: int, token: str, reason: str, retry_in: float | None) -> str:
+        at = "" if retry_in is None else repr(float(retry_in))
+        return _s(self._transition("FAIL", job_id, shard_id, token, reason, at))  # type: ignore[return-value]
+
+    def release(self, job_id: str, shard_id: int, token: str, reason: str) -> str:
+        return _s(self._transition("RELEASE", job_id, shard_id, token, reason))  # type: ignore[return-value]
+
+    def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None:
+        blob = self.client.hget(keys.uris(job_id), str(shard_id))
+        return unpack_uris(blob) if blob else None
+
+    # -- recovery (run by every worker, see workers.recovery) --
+    def server_time(self) -> float:
+        sec, usec = self.client.time()
+        return sec + usec / 1e6
+
+    def expired_leases(self, limit: int = 100) -> list[tuple[str, int]]:
+        now = self.server_time()
+        return [keys.parse_member(m) for m in self.client.zrangebyscore(keys.leases(), "-inf", now, 0, limit)]
+
+    def reap(self, job_id: str, shard_id: int, max_attempts: int) -> tuple[str, dict[str, Any] | None]:
+        out = self._transition("REAP", job_id, shard_id, max_attempts)
+        return _s(out[0]), (json.loads(out[1]) if len(out) > 1 else None)  # type: ignore[return-value]
+
+    def claim_due(self, limit: int = 100, visibility: float = 60) -> list[tuple[str, int, str]]:
+        out = self._scripts["CLAIM_DUE"](keys=[keys.delayed()], args=[limit, visibility])
+        return [(*keys.parse_member(out[i]), _s(out[i + 1])) for i in range(0, len(out), 2)]  # type: ignore[misc]
+
+    def drop_claimed(self, job_id: str, shard_id: int, score: str) -> None:
+        self._scripts["DROP_CLAIMED"](keys=[keys.delayed()], args=[keys.member(job_id, shard_id), score])
+
+    def schedule(self, job_id: str, shard_ids: list[int]) -> None:
+        """Enqueue these shards (again) at the next recovery pass; duplicates are harmless."""
+        if shard_ids:
+            now = self.server_time()
+            self.client.zadd(keys.delayed(), {keys.member(job_id, s): now for s in shard_ids})
+
+    def active_jobs(self) -> list[str]:
+        return sorted(_s(j) for j in self.client.smembers(keys.active()))  # type: ignore[type-var]
+
+    def pending_shards(self, job_id: str) -> list[int]:
+        """Shards neither running nor finished (a scan of the job's shard records: recovery only)."""
+        return [int(k) for k, v in self.client.hscan_iter(keys.shards(job_id), count=1000)
+                if json.loads(v).get("state") == "pending"]
+
+    def touch_worker(self, queue: str, worker: str) -> None:
+        self.client.zadd(keys.queue_workers(queue), {worker: self.server_time()})
+
+    def forget_worker(self, queue: str, worker: str) -> None:
+        self.client.zrem(keys.queue_workers(queue), worker)
+
+    def live_workers(self, queue: str, within: float) -> list[str]:
+        now = self.server_time()
+        self.client.zremrangebyscore(keys.queue_workers(queue), "-inf", now - 10 * within)
+        return [_s(w) for w in self.client.zrangebyscore(keys.queue_workers(queue), now - within, "+inf")]  # type: ignore[misc]
+
+    # -- lifecycle commands --
+    def retry(self, job_id: str, shard_ids: list[int] | None = None) -> list[int]:
+        args = ["*"] if shard_ids is None else [str(s) for s in shard_ids]
+        return [int(s) for s in self._transition("RETRY", job_id, "", *args)]
+
+    def cancel(self, job_id: str) -> bool:
+        return bool(self._transition("CANCEL", job_id, ""))
+
+    def delete(self, job_id: str, rows: bool = False) -> int:
+        """Remove the job's state (and with ``rows`` its Redis-sink rows); return the number of keys deleted."""
+        names = list(keys.state_keys(job_id))
+        if rows:
+            names += [k for k in self.client.scan_iter(keys.job_pattern(job_id), count=1000)]
+        deleted = 0
+        for i in range(0, len(names), 500):
+            deleted += self.client.delete(*names[i:i + 500])
+        prefix = f"{job_id}/"
+        for big in (keys.leases(), keys.delayed()):
+            gone = [m for m, _ in self.client.zscan_iter(big, match=f"{prefix}*", count=1000)]
+            if gone:
+                self.client.zrem(big, *gone)
+        self.client.zrem(keys.jobs(), job_id)
+        self.client.srem(keys.active(), job_id)
+        return deleted
+
+    def recent_jobs(self, limit: int = 20) -> list[JobState]:
+        """The newest jobs first; ids whose state has expired are dropped from the index."""
+        out: list[JobState] = []
+        for raw in self.client.zrevrange(keys.jobs(), 0, limit * 2):
+            job = self.get_job(_s(raw))  # type: ignore[arg-type]
+            if job is None:
+                self.client.zrem(keys.jobs(), raw)
+            elif len(out) < limit:
+                out.append(job)
+        return out
+
+    # -- reading --
+    def get_job(self, job_id: str, shards: bool = False) -> JobState | None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(keys.job(job_id))
+        pipe.hgetall(keys.job_leases(job_id))
+        pipe.zrange(keys.failed(job_id), 0, 19)
+        pipe.time()
+        if shards:
+            pipe.hgetall(keys.shards(job_id))
+        raw_meta, raw_leases, failed_ids, (sec, usec), *rest = pipe.execute()
+        if not raw_meta:
+            return None
+        meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+        running = sorted(({"shard": int(k), **json.loads(v)} for k, v in raw_leases.items()),
+                         key=lambda r: r["shard"])
+        failed = []
+        if failed_ids:
+            for shard_id, rec in zip(failed_ids, self.client.hmget(keys.shards(job_id), failed_ids)):
+                failed.append({"shard": int(shard_id), **(json.loads(rec) if rec else {})})
+        records = {int(k): json.loads(v) for k, v in rest[0].items()} if shards else {}
+
+        def num(name: str) -> int:
+            return int(float(meta.get(name) or 0))
+
+        total, images = meta.get("shards_total"), meta.get("images_total")
+        return JobState(
+            job_id=job_id, spec=json.loads(meta["spec"]), created=float(meta["created"]),
+            submitted=meta.get("submitted") == "1",
+            shards_total=int(total) if total else None, images_total=int(images) if images else None,
+            n_shards=num("n_shards"), n_done=num("n_done"), n_failed=num("n_failed"), n_running=num("n_running"),
+            n_lost=num("n_lost"), images_done=num("images_done"), errors=num("errors_done"),
+            first_started=_f(meta.get("first_started")), last_finished=_f(meta.get("last_finished")),
+            cancelled=_f(meta.get("cancelled")), finished_at=_f(meta.get("finished")),
+            submit_error=meta.get("submit_error"),
+            last_lost=json.loads(meta["last_lost"]) if meta.get("last_lost") else None,
+            running=running, failed=failed, shards=records, now=sec + usec / 1e6,
+        )
