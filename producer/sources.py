@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from workers.errors import ShardError, SourceError
+from workers.errors import ConfigError, ShardError, SourceError
 from workers.storage import BACKENDS, scheme_of, storage_for
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -122,7 +122,7 @@ def walk_prefix(uri: str, filters: Filters = Filters()) -> Iterator[str]:
                 continue  # folder markers and hidden entries
             if is_image_name(rel) and filters.accepts(rel):
                 yield found
-    except (OSError, ShardError) as exc:
+    except (OSError, ShardError, ConfigError) as exc:
         raise SourceError(str(exc)) from exc
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from tests.conftest import batchinfer, check_rows, wait_until
 from workers import keys
 from workers.contract import TASK_NAME, ShardTask
-from workers.jobstate import RedisJobStore
+from workers.redis_jobstore import RedisJobStore
 
 
 def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, tmp_path):

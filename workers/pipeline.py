@@ -21,7 +21,7 @@ import numpy as np
 from workers import __version__
 from workers.contract import ShardTask
 from workers.decode import DECODERS, Decoded
-from workers.errors import DecodeError, ShardError, ShardStopped
+from workers.errors import ConfigError, DecodeError, ShardError, ShardStopped
 from workers.schema import build_batch, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
@@ -131,14 +131,14 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     images = errors = 0
     start = time.perf_counter()
 
-    broken: list[ShardError] = []
+    broken: list[ShardError | ConfigError] = []
 
     def load(uri: str) -> _Loaded:
         if broken:  # the storage already failed as a whole: fail fast instead of retrying every image
             raise broken[0]
         try:
             return _load(uri, decode, size)
-        except ShardError as exc:
+        except (ShardError, ConfigError) as exc:
             broken.append(exc)
             raise
 

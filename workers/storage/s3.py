@@ -92,8 +92,8 @@ def _convert(exc: Exception, uri: str, action: str, per_object: bool = True) -> 
         return ShardError(f"cannot {action} {uri}: {exc}")
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
-    if code == "NoSuchBucket":
-        return ShardError(f"cannot {action} {uri}: bucket {split_uri(uri)[0]!r} does not exist (NoSuchBucket)")
+    if code == "NoSuchBucket":  # retrying will not create it: fail the shard at once
+        return ConfigError(f"cannot {action} {uri}: bucket {split_uri(uri)[0]!r} does not exist (NoSuchBucket)")
     if per_object and code in _NOT_FOUND:
         return FileNotFoundError(errno.ENOENT, "not found", uri)
     if per_object and code in _DENIED:
