@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -88,16 +89,19 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
 
 
 class Worker:
-    """A `celery -A workers worker` subprocess with its log file."""
+    """A `celery -A workers worker` subprocess with its log file, in a process group of its own (so a test
+    can kill the whole worker, main process and pool child, as a lost node would be)."""
 
-    def __init__(self, broker: str, log: Path, cwd: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, broker: str, log: Path, cwd: Path, extra_env: dict[str, str] | None = None,
+                 name: str | None = None) -> None:
         env = {**os.environ, "BATCHINFER_BROKER_URL": broker, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log = log
-        self.fh = open(log, "wb")
+        self.name = name or f"test-{free_port()}"
+        self.fh = open(log, "ab")
         self.proc = subprocess.Popen(
             [str(BIN / "celery"), "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "1",
-             "--hostname", f"test-{free_port()}@%h", "--without-gossip", "--without-mingle"],
-            cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
+             "--hostname", f"{self.name}@%h", "--without-gossip", "--without-mingle"],
+            cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(lambda: self.proc.poll() is not None or b" ready." in self.log.read_bytes(), 90, "worker")
         if self.proc.poll() is not None:
@@ -106,8 +110,21 @@ class Worker:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the main process and its pool child at once: the node is gone."""
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self.fh.close()
+
     def stop(self) -> None:
         stop_process(self.proc, 30)
+        if self.proc.returncode is not None:
+            import signal
+
+            with contextlib.suppress(ProcessLookupError):  # a pool child left behind
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.fh.close()
 
 

@@ -80,7 +80,7 @@ def test_help_lists_subcommands(cli):
     assert result.stdout.startswith("usage: batchinfer")
     for command in ("run", "submit", "status", "collect"):
         assert command in result.stdout
-    assert "{run,submit,models,layers,train-head,status,collect}" in result.stdout
+    assert "{run,submit,models,layers,train-head,status,jobs,retry,cancel,delete,collect}" in result.stdout
 
 
 @pytest.mark.parametrize("command", ["run", "submit", "status", "collect"])

@@ -199,12 +199,12 @@ class MemoryJobStore:
                 rec["lost"] = rec.get("lost", 0) + 1
                 job.n_lost += 1
             self.delayed.pop((job_id, shard_id), None)
-            rec["attempts"] += 1
-            if rec["attempts"] > max_attempts:
+            if rec["attempts"] >= max_attempts:  # this delivery finds the attempts spent
                 reason = f"gave up after {max_attempts} attempts: {rec.get('reason') or 'unknown'}"
                 self._to_failed(job, shard_id, rec, reason)
                 self._maybe_finish(job)
                 return Begin(DEAD, rec["attempts"], rec["runs"], reason=reason)
+            rec["attempts"] += 1
             rec.update(state=RUNNING, runs=rec["runs"] + 1, started=now, worker=holder.worker)
             self.leases[(job_id, shard_id)] = {**holder.lease(), "attempt": rec["attempts"], "started": now,
                                                "heartbeat": now, "deadline": now + lease_seconds}

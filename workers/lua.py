@@ -101,15 +101,15 @@ if rec.state == 'running' then
   drop_lease()
 end
 redis.call('ZREM', K_DELAYED, MEMBER)
-rec.attempts = (rec.attempts or 0) + 1
 local max_attempts = tonumber(ARGV[6])
-if rec.attempts > max_attempts then
+if (rec.attempts or 0) >= max_attempts then  -- this delivery finds the attempts spent
   local reason = 'gave up after ' .. max_attempts .. ' attempts: ' .. (rec.reason or 'unknown')
   to_failed(rec, reason)
   put_rec(rec)
   maybe_finish()
   return {'dead', rec.attempts, rec.runs or 0, '', reason}
 end
+rec.attempts = (rec.attempts or 0) + 1
 local lease = cjson.decode(ARGV[4])
 lease.attempt = rec.attempts
 lease.started = T
