@@ -189,3 +189,63 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
         shutil.copy(photo, folder / photo.name)
         expected[photo.name] = None
     return folder, expected
+
+
+class RedisServer:
+    """A real redis-server with the persistence ``infra/redis.conf`` ships (AOF, fsync every second) on a
+    fixed port and folder, so a test can kill -9 it and start it again with its data."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                return False
+
+        wait_until(up, 20, "redis-server")
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10)
+
+
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The probe model of ``tests/probe_model.py``, saved once (a layer that sleeps or crashes on cue)."""
+    from tests import probe_model
+
+    return probe_model.save(tmp_path_factory.mktemp("probe") / "probe.keras")
+
+
+def start_probe_worker(broker: str, folder: Path, name: str, **env: str) -> Worker:
+    """A worker named ``name`` that can load the probe model (its layer registered by the operator)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    extra = {"PYTHONPATH": path, "BATCHINFER_CUSTOM_OBJECTS": "tests.probe_model:CUSTOM_OBJECTS", **env}
+    return Worker(broker, folder / f"{name}.log", cwd=folder, extra_env=extra, name=name)
+
+
+def submit_probe(folder: Path, probe: Path, broker: str, *extra: str, shard_size: int = 4) -> str:
+    """`batchinfer submit` of ``folder`` with the probe model, 2 images per batch; returns the job id."""
+    sub = batchinfer("submit", str(folder), "--model-path", str(probe), "--preprocess", "none", "--batch-size", "2",
+                     "--shard-size", str(shard_size), "--output", str(folder.parent / "out"), *extra, broker=broker)
+    return sub.stdout.strip().splitlines()[-1]

@@ -2,11 +2,11 @@
 
     BatchInferError
      ├── ConfigError        bad flags, unknown model or layer, missing weights: fail at once, never retried
+     │    └── JobExists     a job id that is already taken
      ├── SourceError        a source (folder, manifest) cannot be read at submit time
      ├── BrokerError        the broker or state store cannot be reached
      ├── ShardError         a whole shard failed (sink or storage down): retried, then reported
      ├── ShardStopped       an attempt stopped between batches (cancelled, worker stopping, lease lost)
-     ├── JobExists          a job id that is already taken
      └── DecodeError        one image cannot be used: becomes an output row with `error`, never stops a shard
 """
 
@@ -39,7 +39,7 @@ class ShardStopped(BatchInferError):
         self.reason = reason
 
 
-class JobExists(BatchInferError):
+class JobExists(ConfigError):
     """``--job-id`` names a job that already exists."""
 
 
