@@ -59,9 +59,29 @@ def test_a_lost_worker_costs_a_minute_with_default_settings(redis_url, redis_cli
         assert "lost" in survivor.text() and redis_client.hlen("unacked") == 0, "the dead worker's copy is gone"
         status = batchinfer("status", job_id, broker=redis_url).stdout
         assert "1 requeued from lost workers" in status and "(done)" in status
+        assert not list((tmp_path / "out").glob(".*.tmp")), "the killed attempt's temporary file is gone"
     finally:
         doomed.stop()
         survivor.stop()
+
+
+def test_a_long_shard_is_never_run_twice_at_once(redis_url, redis_client, probe, tmp_path):
+    """The broker redelivers a message still running (visibility timeout 2 s here, a shard of ~16 s):
+    the second worker sees the live lease and leaves it alone."""
+    images = probe_model.make_images(tmp_path / "in", 16)
+    options = '{"visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}'
+    env = {"PROBE_SLEEP": "2", "BATCHINFER_CELERY_BROKER_TRANSPORT_OPTIONS": options}
+    first = start_probe_worker(redis_url, tmp_path, "first", **env)
+    second = start_probe_worker(redis_url, tmp_path, "second", **env)
+    try:
+        job_id = submit_probe(tmp_path / "in", probe, redis_url, shard_size=16)
+        exactly_once(collect_all(job_id, tmp_path / "rows.parquet", redis_url), images)
+        job = RedisJobStore.from_url(redis_url).get_job(job_id, shards=True)
+        assert job.shards[0]["runs"] == 1 and job.shards[0]["attempts"] == 1, "one run, however many deliveries"
+        assert "not run (running)" in first.text() + second.text(), "the redelivered copy was skipped"
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_a_killed_pool_child_is_taken_over_at_once(redis_url, redis_client, probe, tmp_path):
