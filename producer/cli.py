@@ -96,6 +96,9 @@ def build_parser() -> Parser:
     p.add_argument("job_id", metavar="JOB")
     p.add_argument("--watch", "-w", action="store_true", help="live progress bar until the job finishes")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    p.add_argument("--shards", choices=("failed", "running", "pending", "done"),
+                   help="also list the job's shards in this state (paged by --limit)")
+    p.add_argument("--limit", "-n", type=int, default=50, help="with --shards: how many (default 50)")
     _broker_option(p)
 
     p = sub.add_parser("jobs", help="recent jobs and their state, newest first")
@@ -211,6 +214,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     settings, store = _store(args)
     job = wait_for(store, args.job_id, interval=args.interval) if args.watch else get_job(store, args.job_id)
     print_status(job, live_workers=store.live_workers(job.queue, 3 * settings.heartbeat_seconds))
+    if args.shards:
+        from producer.status import shard_lines
+
+        print(shard_lines(store.list_shards(args.job_id, args.shards, args.limit), args.shards))
     return 1 if job.n_failed else 0
 
 

@@ -88,6 +88,18 @@ def print_status(job: JobState, out: TextIO = sys.stdout, live_workers: list[str
     print(summary(job, live_workers=live_workers), file=out)
 
 
+def shard_lines(records: list[dict], state: str) -> str:
+    """``status --shards STATE``: one line per shard."""
+    lines = [f"{state} shards ({len(records)} shown):"]
+    for r in records:
+        detail = {"failed": f"{r.get('attempts', '?')} attempts: {r.get('reason')}",
+                  "running": f"on {r.get('worker')} (pid {r.get('pid')}), attempt {r.get('attempt')}",
+                  "done": f"{r.get('images')} images, {r.get('errors')} errors, {r.get('seconds')}s",
+                  "pending": f"{r.get('images_in')} images" + (f", last: {r['reason']}" if r.get("reason") else "")}
+        lines.append(f"  shard-{r['shard']:06d}  {detail[state]}")
+    return "\n".join(lines)
+
+
 def jobs_table(jobs: list[JobState]) -> str:
     """``batchinfer jobs``: one line per job, newest first."""
     header = f"{'JOB':<28} {'STATE':<24} {'SHARDS':>15} {'IMAGES':>21} {'FAILED':>6}  CREATED"

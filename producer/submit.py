@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from itertools import chain
 from typing import Any
@@ -19,9 +21,12 @@ from tqdm import tqdm
 from producer.jobs import check_job_id, connect_store, new_job_id, redact
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_uris
-from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardTask
+from workers.contract import TASK_NAME, ModelSpec, OutputSpec, message, shard_name, spec_dicts
 from workers.errors import BrokerError, ConfigError, JobExists, SourceError
 from workers.settings import Settings
+from workers.spool import STATE, shard_ref, spool_for, write_uris
+
+SPOOL_WRITERS = 16  # shard lists written at once (S3 PUTs overlap)
 
 
 def _outage_errors() -> tuple[type[BaseException], ...]:
@@ -46,11 +51,14 @@ def submit(
     store = connect_store(settings.state_url, settings.retention)
     app = _app(settings)
     job_id = job_id or new_job_id()
-    spec = {"model": asdict(model), "output": asdict(output), "sources": sources, "shard_size": shard_size,
-            "include": list(filters.include), "exclude": list(filters.exclude), "queue": settings.queue}
+    spec: dict[str, Any] = {
+        "model": asdict(model), "output": asdict(output), "sources": sources, "shard_size": shard_size,
+        "include": list(filters.include), "exclude": list(filters.exclude), "queue": settings.queue,
+        "spool": spool_for(job_id, output, settings.spool)}
     if not store.create_job(job_id, spec):
         raise JobExists(f"job {job_id} already exists (choose another --job-id, or `batchinfer delete {job_id}`)")
-    return _enqueue(store, app, settings, job_id, model, output, chain([first], uris), shard_size, progress)
+    return _enqueue(store, app, settings, job_id, model, output, chain([first], uris), shard_size, progress,
+                    spool=spec["spool"])
 
 
 def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
@@ -71,7 +79,7 @@ def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
     store.resume_submit(job_id)
     return _enqueue(store, app, settings, job_id, ModelSpec.from_dict(spec["model"]),
                     OutputSpec.from_dict(spec["output"]), iter_uris(spec["sources"], filters), spec["shard_size"],
-                    progress, recorded=job.n_shards)
+                    progress, recorded=job.n_shards, spool=spec.get("spool"))
 
 
 def _app(settings: Settings) -> Any:
@@ -83,12 +91,31 @@ def _app(settings: Settings) -> Any:
 
 
 def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: ModelSpec, output: OutputSpec,
-             uris: Any, shard_size: int, progress: bool, recorded: int = 0) -> str:
-    """Record and send every shard; the first ``recorded`` ones were recorded by an earlier submit."""
+             uris: Any, shard_size: int, progress: bool, recorded: int = 0, spool: str | None = None) -> str:
+    """Record and send every shard; the first ``recorded`` ones were recorded by an earlier submit.
+
+    With a spool, each shard's list is written to storage first (a few writes in flight at once, for
+    S3), and the message carries its URI; the shard is recorded, then sent, once its list is written.
+    """
     bar = tqdm(desc=f"submit {job_id}", unit="img", file=sys.stderr, disable=not progress)
+    specs = spec_dicts(model, output)
     count = n_shards = 0
+    inflight: deque[tuple[int, list[str], Future[None] | None]] = deque()
+
+    def send(producer: Any, shard_id: int, chunk: list[str], written: Future[None] | None) -> None:
+        ref = STATE
+        if written is not None:
+            written.result()
+            ref = shard_ref(spool, shard_id)  # type: ignore[arg-type]
+        store.add_shard(job_id, shard_id, chunk, keep_uris=spool is None)
+        app.send_task(
+            TASK_NAME, kwargs={"task": message(job_id, shard_id, specs, chunk, ref)}, queue=settings.queue,
+            producer=producer, argsrepr="()", kwargsrepr=f"{job_id}/{shard_name(shard_id)}",
+            retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5},
+        )
+
     try:
-        with app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer, ThreadPoolExecutor(SPOOL_WRITERS) as pool:
             for shard_id, chunk in shards(uris, shard_size):
                 count += len(chunk)
                 n_shards += 1
@@ -98,12 +125,12 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
                 if shard_id == recorded - 1 and store.shard_uris(job_id, shard_id) != chunk:
                     raise SourceError(f"the sources of job {job_id} changed since it was submitted "
                                       f"(shard {shard_id} differs); submit a new job")
-                task = ShardTask(job_id, shard_id, chunk, model, output)
-                store.add_shard(job_id, shard_id, chunk)
-                app.send_task(
-                    TASK_NAME, kwargs={"task": task.to_dict()}, queue=settings.queue, producer=producer,
-                    retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5},
-                )
+                written = pool.submit(write_uris, shard_ref(spool, shard_id), chunk) if spool else None
+                inflight.append((shard_id, chunk, written))
+                if len(inflight) > SPOOL_WRITERS:
+                    send(producer, *inflight.popleft())
+            while inflight:
+                send(producer, *inflight.popleft())
     except _outage_errors() as exc:
         bar.close()
         _mark_failed(store, job_id, f"broker unreachable after {n_shards} shards")

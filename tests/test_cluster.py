@@ -37,7 +37,10 @@ def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, 
     assert meta["weights_fingerprint"].startswith("random") and meta["input_size"] == [224, 224]
 
     n_shards = -(-len(expected) // 4)
-    assert sorted(p.name for p in out_dir.iterdir()) == [f"shard-{i:06d}.parquet" for i in range(n_shards)]
+    data_files = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("_"))
+    assert data_files == [f"shard-{i:06d}.parquet" for i in range(n_shards)]
+    spooled = sorted(p.name for p in (out_dir / "_batchinfer" / job_id).iterdir())
+    assert spooled == [f"shard-{i:06d}.uris.gz" for i in range(n_shards)], "URI lists travel by reference"
     status = batchinfer("status", job_id, broker=redis_url).stdout
     assert f"{n_shards}/{n_shards} done" in status and f"{len(expected)}/{len(expected)}" in status
     assert "images/s" in status

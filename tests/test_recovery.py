@@ -11,6 +11,7 @@ from workers.jobstate import PENDING, RUN, Holder
 from workers.recovery import Recovery
 from workers.redis_jobstore import RedisJobStore
 from workers.settings import Settings
+from workers.spool import STATE
 
 
 class Clock:
@@ -46,7 +47,8 @@ def test_expired_leases_are_reaped_and_requeued_with_their_uris(setup, redis_cli
     clock.now += 10
     done = recovery.run_once()
     assert done["reaped"] == 1 and done["published"] == 1
-    assert [(t.job_id, t.shard_id, t.uris) for t in sent] == [("j", 1, ["/img/1.jpg"])]
+    assert [(t.job_id, t.shard_id, t.uris_ref) for t in sent] == [("j", 1, STATE)], "a pointer, not the URIs"
+    assert store.shard_uris("j", 1) == ["/img/1.jpg"]
     assert sent[0].model.name == "MobileNetV2" and sent[0].output.path == "/out"
     assert not redis_client.hexists("unacked", "t-1"), "the dead worker's broker copy cannot come back"
     assert not redis_client.zcard(keys.delayed()), "published once, then forgotten"

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.contract import ShardTask
@@ -22,6 +22,7 @@ from workers.lease import LOST, Lease
 from workers.pipeline import ShardResult, process_shard
 from workers.settings import Settings
 from workers.sinks import sink_class
+from workers.spool import STATE, read_uris
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
     token = holder.token
     with Lease(store, task.job_id, task.shard_id, token, settings.lease_seconds, settings.heartbeat_seconds) as lease:
         try:
+            if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
+                uris = (store.shard_uris(task.job_id, task.shard_id) if task.uris_ref == STATE
+                        else read_uris(task.uris_ref))
+                if uris is None:
+                    raise ConfigError(f"the URIs of {where} are gone (job state expired or deleted?)")
+                task = replace(task, uris=uris)
             counts = committed_output(task, settings) if start.runs > 1 else None
             if counts is not None:
                 log.info("%s: output already committed by an earlier attempt; marking it done", where)

@@ -1,8 +1,9 @@
 """The task contract: JSON-safe specs that travel from the producer to the workers.
 
-A task message is ``{"task": ShardTask.to_dict()}``: job id, shard id, URIs, a model spec and an
-output spec. Nothing in it is pickled and nothing in it is secret (connection URLs with passwords
-come from each process's environment, never from the message).
+A task message is ``{"task": ShardTask.to_dict()}``: job id, shard id, the URIs or (for spooled
+jobs, see ``workers.spool``) the URI of the file that lists them, a model spec and an output spec.
+Nothing in it is pickled and nothing in it is secret (connection URLs with passwords come from each
+process's environment, never from the message).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class ShardTask:
     uris: list[str]
     model: ModelSpec = field(default_factory=ModelSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    uris_ref: str | None = None  # where the URIs are listed when they do not travel in the message
 
     @property
     def name(self) -> str:
@@ -105,17 +107,34 @@ class ShardTask:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (tuples become lists), exactly what travels in the message."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return message(self.job_id, self.shard_id, spec_dicts(self.model, self.output), self.uris, self.uris_ref)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardTask:
         return cls(
             job_id=str(data["job_id"]),
             shard_id=int(data["shard_id"]),
-            uris=[str(u) for u in data["uris"]],
+            uris=[str(u) for u in data.get("uris") or ()],
             model=ModelSpec.from_dict(data.get("model", {})),
             output=OutputSpec.from_dict(data.get("output", {})),
+            uris_ref=data.get("uris_ref"),
         )
+
+
+def spec_dicts(model: ModelSpec, output: OutputSpec) -> dict[str, Any]:
+    """The model and output specs as JSON types, computed once per job (not once per shard)."""
+    return json.loads(json.dumps({"model": dataclasses.asdict(model), "output": dataclasses.asdict(output)}))
+
+
+def message(job_id: str, shard_id: int, specs: dict[str, Any], uris: list[str] | None = None,
+            uris_ref: str | None = None) -> dict[str, Any]:
+    """A task message's ``task`` argument from precomputed ``spec_dicts`` (cheap: no deep copies)."""
+    out: dict[str, Any] = {"job_id": job_id, "shard_id": shard_id, **specs}
+    if uris_ref:
+        out["uris_ref"] = uris_ref
+    else:
+        out["uris"] = list(uris or ())
+    return out
 
 
 def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:

@@ -125,7 +125,7 @@ class JobStore(Protocol):
     """What the producer, the workers and the collector need from job state (see the module docstring)."""
 
     def create_job(self, job_id: str, spec: dict[str, Any]) -> bool: ...
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str]) -> bool: ...
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool: ...
     def finish_submit(self, job_id: str, shards: int, images: int) -> None: ...
     def fail_submit(self, job_id: str, reason: str) -> None: ...
     def begin(self, job_id: str, shard_id: int, holder: Holder, lease_seconds: float, max_attempts: int,
@@ -158,7 +158,7 @@ class MemoryJobStore:
             self.jobs[job_id] = JobState(job_id, spec, time.time(), False, None, None)
             return True
 
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str]) -> bool:
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool:
         with self.lock:
             job = self.jobs[job_id]
             if shard_id in job.shards:

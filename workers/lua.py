@@ -294,11 +294,11 @@ return 1
 """
 
 ADD_SHARD = """
--- KEYS job, shards, uris; ARGV shard, images in, uris blob
+-- KEYS job, shards, uris; ARGV shard, images in, uris blob ('' when the job spools its URIs)
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({state = 'pending', images_in = tonumber(ARGV[2]),
                                                     attempts = 0, runs = 0}))
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
 redis.call('HINCRBY', KEYS[1], 'n_shards', 1)
 return 1
 """

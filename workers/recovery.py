@@ -25,6 +25,7 @@ from typing import Any
 
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardTask
 from workers.settings import Settings
+from workers.spool import STATE, shard_ref
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,9 @@ class Recovery:
                 job = self.store.get_job(job_id)
                 specs[job_id] = job.spec if job is not None and not job.cancelled else None
             spec = specs[job_id]
-            uris = self.store.shard_uris(job_id, shard_id) if spec is not None else None
-            if spec is not None and uris is not None:
-                self.publish(ShardTask(job_id, shard_id, uris, ModelSpec.from_dict(spec["model"]),
-                                       OutputSpec.from_dict(spec["output"])))
+            task = task_for(self.store, job_id, shard_id, spec) if spec is not None else None
+            if task is not None:
+                self.publish(task)
                 count += 1
             self.store.drop_claimed(job_id, shard_id, claimed)
         return count
@@ -139,9 +139,17 @@ class Recovery:
             stop.wait(self.settings.heartbeat_seconds)
 
 
+def task_for(store: Any, job_id: str, shard_id: int, spec: dict[str, Any]) -> ShardTask | None:
+    """A shard's task rebuilt from the job state: a pointer to its spooled URIs, or the URIs themselves."""
+    model, output = ModelSpec.from_dict(spec["model"]), OutputSpec.from_dict(spec["output"])
+    ref = shard_ref(spec["spool"], shard_id) if spec.get("spool") else STATE
+    return ShardTask(job_id, shard_id, [], model, output, uris_ref=ref)
+
+
 def celery_publisher(app: Any, queue: str) -> Callable[[ShardTask], None]:
     def publish(task: ShardTask) -> None:
-        app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, queue=queue,
+        app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, queue=queue, argsrepr="()",
+                      kwargsrepr=f"{task.job_id}/{task.name}",
                       retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5})
     return publish
 

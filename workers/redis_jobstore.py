@@ -56,9 +56,11 @@ class RedisJobStore:
         return bool(self._scripts["CREATE"](keys=[keys.job(job_id), keys.jobs(), keys.active()],
                                             args=[job_id, json.dumps(spec), 0, spec.get("queue") or "batchinfer"]))
 
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str]) -> bool:
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool:
+        """Record a pending shard; its URIs too unless the job spools them (``workers.spool``)."""
+        blob = pack_uris(uris) if keep_uris else b""
         return bool(self._scripts["ADD_SHARD"](keys=[keys.job(job_id), keys.shards(job_id), keys.uris(job_id)],
-                                               args=[shard_id, len(uris), pack_uris(uris)]))
+                                               args=[shard_id, len(uris), blob]))
 
     def finish_submit(self, job_id: str, shards: int, images: int) -> None:
         self._transition("SUBMIT_DONE", job_id, "", shards, images, "")
@@ -95,8 +97,23 @@ class RedisJobStore:
         return _s(self._transition("RELEASE", job_id, shard_id, token, reason))  # type: ignore[return-value]
 
     def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None:
+        """A shard's URIs, from Redis or from the job's spool."""
         blob = self.client.hget(keys.uris(job_id), str(shard_id))
-        return unpack_uris(blob) if blob else None
+        if blob:
+            return unpack_uris(blob)
+        spool = self.spool(job_id)
+        if spool is None:
+            return None
+        from workers.spool import read_uris, shard_ref
+
+        try:
+            return read_uris(shard_ref(spool, shard_id))
+        except FileNotFoundError:
+            return None
+
+    def spool(self, job_id: str) -> str | None:
+        raw = self.client.hget(keys.job(job_id), "spec")
+        return json.loads(raw).get("spool") if raw else None
 
     # -- recovery (run by every worker, see workers.recovery) --
     def server_time(self) -> float:
@@ -142,6 +159,26 @@ class RedisJobStore:
         now = self.server_time()
         self.client.zremrangebyscore(keys.queue_workers(queue), "-inf", now - 10 * within)
         return [_s(w) for w in self.client.zrangebyscore(keys.queue_workers(queue), now - within, "+inf")]  # type: ignore[misc]
+
+    def list_shards(self, job_id: str, state: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Up to ``limit`` shard records in ``state``: failed and running from their small indexes,
+        pending and done by a cursor scan that stops once ``limit`` are found."""
+        if state == "failed":
+            ids = self.client.zrange(keys.failed(job_id), 0, limit - 1)
+            records = self.client.hmget(keys.shards(job_id), ids) if ids else []
+            return [{"shard": int(i), **json.loads(r)} for i, r in zip(ids, records) if r]
+        if state == "running":
+            return [{"shard": int(k), **json.loads(v)}
+                    for k, v in sorted(self.client.hgetall(keys.job_leases(job_id)).items(), key=lambda kv: int(kv[0]))
+                    ][:limit]
+        out: list[dict[str, Any]] = []
+        for k, v in self.client.hscan_iter(keys.shards(job_id), count=1000):
+            record = json.loads(v)
+            if record.get("state") == state:
+                out.append({"shard": int(k), **record})
+                if len(out) >= limit:
+                    break
+        return sorted(out, key=lambda r: r["shard"])
 
     # -- lifecycle commands --
     def retry(self, job_id: str, shard_ids: list[int] | None = None) -> list[int]:

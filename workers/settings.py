@@ -54,6 +54,7 @@ class Settings:
     retry_backoff_max: int = 900
     shard_time_limit: int = 3600
     retention: int = 7 * 24 * 3600
+    spool: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -75,6 +76,7 @@ class Settings:
             retry_backoff_max=_positive(env, "BATCHINFER_RETRY_BACKOFF_MAX", 900),
             shard_time_limit=_positive(env, "BATCHINFER_SHARD_TIME_LIMIT", 3600),
             retention=_positive(env, "BATCHINFER_RETENTION", 7 * 24 * 3600),
+            spool=env.get("BATCHINFER_SPOOL") or None,
         ).checked()
 
     def checked(self) -> Settings:
