@@ -131,8 +131,9 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
             counts = committed_output(task, settings) if start.runs > 1 else None
             if counts is not None:
                 log.info("%s: output already committed by an earlier attempt; marking it done", where)
-                _retrying(lambda: store.finish(task.job_id, task.shard_id, token, {**counts, "recovered": True}),
-                          where, patience)
+                ended = _retrying(lambda: store.finish(task.job_id, task.shard_id, token,
+                                                       {**counts, "recovered": True}), where, patience)
+                _maybe_complete_job(ended, task, store)
                 return Outcome(DONE, "output already committed", attempt=start.attempt)
             predictor = get_predictor(task.model)
             result = process_shard(task, predictor, settings, should_stop=lease.should_stop)
@@ -154,8 +155,22 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
             log.warning("%s: attempt %d failed (%s); retrying in %.0fs", where, start.attempt, reason, retry_in)
             return Outcome(RETRYING, reason, retry_in=retry_in, error=exc, attempt=start.attempt)
         record = {"images": result.images, "errors": result.errors, "seconds": round(result.timings["total"], 3)}
-        _retrying(lambda: store.finish(task.job_id, task.shard_id, token, record), where, patience)
+        ended = _retrying(lambda: store.finish(task.job_id, task.shard_id, token, record), where, patience)
+    _maybe_complete_job(ended, task, store)
     return Outcome(DONE, result=result, attempt=start.attempt)
+
+
+def _maybe_complete_job(ended: str, task: ShardTask, store: Any) -> None:
+    """This attempt finished the job: let the sink commit its job-level files (``_SUCCESS``, manifest)."""
+    if ended != "finished":
+        return
+    try:
+        job = store.get_job(task.job_id, shards=True)
+        if job is not None:
+            sink_class(task.output.sink).on_job_complete(job)
+            log.info("job %s finished", task.job_id)
+    except Exception as exc:  # the rows are committed; only the marker is missing
+        log.error("job %s: cannot write its completion files: %s", task.job_id, exc)
 
 
 def run_shard(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any],

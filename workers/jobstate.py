@@ -237,8 +237,7 @@ class MemoryJobStore:
             job.images_done += int(result.get("images", 0))
             job.errors += int(result.get("errors", 0))
             job.last_finished = now
-            self._maybe_finish(job)
-            return "ok"
+            return "finished" if self._maybe_finish(job) else "ok"
 
     def fail(self, job_id: str, shard_id: int, token: str, reason: str, retry_in: float | None) -> str:
         with self.lock:
@@ -311,12 +310,15 @@ class MemoryJobStore:
         rec.update(state=FAILED, reason=reason, failed_at=time.time())
         job.n_failed += 1
 
-    def _maybe_finish(self, job: JobState) -> None:
+    def _maybe_finish(self, job: JobState) -> bool:
+        """Mark the job finished if nothing is left to run; True when this call did it."""
         if job.finished_at is not None or job.n_running:
-            return
+            return False
         complete = (job.submitted or job.submit_error) and job.n_done + job.n_failed >= job.n_shards
         if complete or job.cancelled:
             job.finished_at = time.time()
+            return True
+        return False
 
 
 def worker_name() -> str:

@@ -65,7 +65,7 @@ end
 local function maybe_finish()
   local j = redis.call('HMGET', K_JOB, 'finished', 'n_running', 'submitted', 'submit_error', 'n_shards',
                        'n_done', 'n_failed', 'cancelled')
-  if j[1] or tonumber(j[2] or '0') > 0 then return end
+  if j[1] or tonumber(j[2] or '0') > 0 then return false end
   local complete = (j[3] == '1' or j[4]) and
     (tonumber(j[6] or '0') + tonumber(j[7] or '0') >= tonumber(j[5] or '0'))
   if complete or j[8] then
@@ -75,7 +75,9 @@ local function maybe_finish()
       for i = 1, 4 do redis.call('EXPIRE', KEYS[i], RETENTION) end
       redis.call('EXPIRE', KEYS[8], RETENTION)
     end
+    return true
   end
+  return false
 end
 """
 
@@ -160,7 +162,7 @@ redis.call('HINCRBY', K_JOB, 'n_done', 1)
 redis.call('HINCRBY', K_JOB, 'images_done', tonumber(result.images or 0))
 redis.call('HINCRBY', K_JOB, 'errors_done', tonumber(result.errors or 0))
 redis.call('HSET', K_JOB, 'last_finished', T)
-maybe_finish()
+if maybe_finish() then return 'finished' end
 return 'ok'
 """
 

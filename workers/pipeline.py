@@ -94,7 +94,6 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
     features = "features" in spec.tasks
     return {
         "job_id": task.job_id,
-        "shard_id": task.shard_id,
         "model": predictor.model_name,
         "model_path": spec.model_path,
         "weights": spec.weights if not spec.model_path else None,

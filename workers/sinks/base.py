@@ -30,6 +30,11 @@ class Sink:
         """
         return None
 
+    @classmethod
+    def on_job_complete(cls, job: Any) -> None:
+        """Called once by the worker whose attempt finished the job (``job`` has every shard record):
+        where a sink commits job-level artefacts such as a completion marker."""
+
     def __enter__(self) -> Sink:
         return self
 

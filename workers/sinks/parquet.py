@@ -1,4 +1,12 @@
-"""Parquet sink: one file per shard, ``<output>/shard-NNNNNN.parquet``, written then renamed."""
+"""Parquet sink: one file per shard, ``<output>/shard-NNNNNN.parquet``, written then renamed.
+
+The output folder is a Parquet dataset that pyarrow, pandas, DuckDB, polars and Spark read as it is:
+every file has the same schema (job metadata included), temporary names start with ``.`` and the
+spooled URI lists live under ``_batchinfer/`` (both ignored by dataset readers), and when the job
+finishes the worker that finished it writes ``_manifest.json`` (job metadata, schema, each shard's
+file and row count) and then, if no shard failed, ``_SUCCESS`` — last, so a reader that sees it sees
+every shard. Readers during the job see only committed shards.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ from workers.sinks.base import Sink
 from workers.storage import storage_for
 from workers.storage.local import to_path as storage_path
 
+ROW_GROUP_ROWS = 65_536
+ROW_GROUP_BYTES = 64 << 20
+
 
 def shard_uri(output: str, shard_id: int) -> str:
     return f"{output.rstrip('/')}/{shard_name(shard_id)}.parquet"
@@ -34,13 +45,27 @@ class ParquetSink(Sink):
         self.uri = shard_uri(task.output.path, task.shard_id)
         self._file = storage_for(self.uri).open_atomic(self.uri)
         self._writer = pq.ParquetWriter(self._file.path, schema, compression="zstd")
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = self._pending_bytes = 0
         self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self._writer.write_batch(batch)
+        """Buffered into row groups of up to ``ROW_GROUP_ROWS`` rows / ``ROW_GROUP_BYTES`` (a whole
+        shard is usually one row group), not one per model batch."""
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self._pending_bytes += batch.nbytes
         self.rows += batch.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending), row_group_size=self._pending_rows)
+            self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
     def close(self) -> None:
+        self._flush()
         self._writer.close()
         self._file.commit()
 
@@ -72,6 +97,38 @@ class ParquetSink(Sink):
                 return None
             nulls += stats.null_count
         return {"images": meta.num_rows, "errors": meta.num_rows - nulls}
+
+
+    @classmethod
+    def on_job_complete(cls, job: Any) -> None:
+        """Write ``_manifest.json``, then ``_SUCCESS`` if every shard is done (see the module docstring)."""
+        output = job.spec["output"]
+        if not output.get("path"):
+            return
+        base = output["path"].rstrip("/")
+        done = sorted((i, r) for i, r in job.shards.items() if r.get("state") == "done")
+        schema = pq.read_schema(io.BytesIO(storage_for(shard_uri(base, done[0][0])).read(shard_uri(base, done[0][0])))
+                                ) if done else None
+        manifest = {
+            "job_id": job.job_id,
+            "created": job.created,
+            "finished": job.finished_at,
+            "metadata": json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}")) if schema else {},
+            "schema": [{"name": f.name, "type": str(f.type)} for f in schema] if schema else [],
+            "rows": sum(int(r.get("images", 0)) for _, r in done),
+            "error_rows": sum(int(r.get("errors", 0)) for _, r in done),
+            "shards": [{"file": f"{shard_name(i)}.parquet", "rows": r.get("images"), "errors": r.get("errors")}
+                       for i, r in done],
+            "failed_shards": sorted(i for i, r in job.shards.items() if r.get("state") == "failed"),
+        }
+        _write_bytes(f"{base}/_manifest.json", json.dumps(manifest, indent=1).encode())
+        if not manifest["failed_shards"] and len(done) == job.n_shards:
+            _write_bytes(f"{base}/_SUCCESS", b"")
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
+    with storage_for(uri).open_atomic(uri) as target, open(target.path, "wb") as fh:
+        fh.write(data)
 
 
 def read_shard(uri: str) -> pa.Table:
