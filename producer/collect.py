@@ -7,11 +7,14 @@ Missing or failed shards make it fail and say which, unless partial output is al
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from typing import Any
 
@@ -98,32 +101,34 @@ def check_complete(job: JobState) -> list[str]:
     return problems
 
 
-def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None) -> Iterator[pa.Table]:
-    """Each done shard's rows, in shard order."""
-    for shard_id in sorted(i for i, s in job.shards.items() if s.get("state") == DONE):
-        if output.sink == "parquet":
-            yield read_shard(shard_uri(output.path or "", shard_id))
-        else:
-            yield _redis_shard(job, shard_id, redis_client)
+def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8) -> Iterator[pa.Table]:
+    """Each done shard's rows, in shard order; ``ahead`` shards are read on other threads meanwhile."""
+    done = sorted(i for i, s in job.shards.items() if s.get("state") == DONE)
+    if output.sink == "parquet":
+        def read(shard_id: int) -> pa.Table:
+            return read_shard(shard_uri(output.path or "", shard_id))
+    else:
+        from workers.sinks.redis import read_rows, read_schema
 
+        schema = read_schema(redis_client, job.job_id)  # once per job, not per shard
+        if schema is None and done:
+            raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
 
-def _redis_shard(job: JobState, shard_id: int, client: Any) -> pa.Table:
-    from workers.sinks.redis import decode_row, read_schema
-
-    schema = read_schema(client, job.job_id)
-    if schema is None:
-        raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
-    row_keys = client.lrange(keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), 0, -1)
-    pipe = client.pipeline(transaction=False)
-    for key in row_keys:
-        pipe.hgetall(key)
-    rows = [decode_row(raw, schema) for raw in pipe.execute()]
-    return pa.Table.from_pylist(rows, schema=schema)
+        def read(shard_id: int) -> pa.Table:
+            return read_rows(redis_client, keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), schema)
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: deque[Future[pa.Table]] = deque()
+        for shard_id in done:
+            pending.append(pool.submit(read, shard_id))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class _ParquetOut:
-    def __init__(self, path: str, metadata: dict[str, Any] | None) -> None:
-        self.path, self.metadata, self.writer = path, metadata, None
+    def __init__(self, fh: Any, metadata: dict[str, Any] | None) -> None:
+        self.path, self.metadata, self.writer = fh, metadata, None
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -141,8 +146,9 @@ class _ParquetOut:
 class _TextOut:
     """CSV (list columns as JSON text) or JSON Lines."""
 
-    def __init__(self, path: str, fmt: str) -> None:
-        self.fh = open(path, "w", newline="", encoding="utf-8")
+    def __init__(self, fh: Any, fmt: str) -> None:
+        binary = fh if isinstance(fh, io.BufferedIOBase) else io.BufferedWriter(fh, 1 << 20)
+        self.fh = io.TextIOWrapper(binary, encoding="utf-8", newline="")
         self.csv = csv.writer(self.fh) if fmt == "csv" else None
         self.header = False
 
@@ -157,16 +163,18 @@ class _TextOut:
                 self.fh.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
-        self.fh.close()
+        self.fh.flush()
+        self.fh.detach().flush()  # the stream's owner publishes it
 
 
 def write_tables(tables: Iterable[pa.Table], path: str, fmt: str, metadata: dict[str, Any] | None = None) -> int:
-    """Stream tables into ``path`` atomically (temporary name, then rename); return the row count."""
+    """Stream tables into ``path``, published whole at the end (a local temporary file renamed, or an S3
+    multipart upload completed: nothing staged on local disk); return the row count."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     rows = 0
-    with storage_for(path).open_atomic(path) as target:
-        out = _ParquetOut(target.path, metadata) if fmt == "parquet" else _TextOut(target.path, fmt)
+    with storage_for(path).open_stream(path) as target:
+        out = _ParquetOut(target, metadata) if fmt == "parquet" else _TextOut(target, fmt)
         try:
             for table in tables:
                 out.write(table)

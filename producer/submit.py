@@ -22,7 +22,7 @@ from producer.jobs import check_job_id, connect_store, new_job_id, redact
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_uris
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, message, shard_name, spec_dicts
-from workers.errors import BrokerError, ConfigError, JobExists, SourceError
+from workers.errors import BrokerError, ConfigError, JobExists, ShardError, SourceError
 from workers.settings import Settings
 from workers.spool import STATE, shard_ref, spool_for, write_uris
 
@@ -137,6 +137,12 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
         print(job_id)  # the job exists: scripts can resume it
         raise BrokerError(f"lost the broker at {redact(settings.broker_url)} after {n_shards} shards ({exc}); "
                           f"job {job_id} is incomplete: resume it with `batchinfer submit --resume {job_id}`") from exc
+    except ShardError as exc:  # the spool's storage is unreachable: the same as an outage
+        bar.close()
+        _mark_failed(store, job_id, f"cannot write shard lists after {n_shards} shards: {exc}")
+        print(job_id)
+        raise ShardError(f"{exc}; job {job_id} is incomplete: resume it with `batchinfer submit --resume {job_id}`"
+                         ) from exc
     except BaseException as exc:  # a bad manifest mid-stream, Ctrl-C: the job must not look "submitting" forever
         bar.close()
         _mark_failed(store, job_id, f"{type(exc).__name__}: {exc}")

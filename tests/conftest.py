@@ -138,9 +138,9 @@ def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def batchinfer(*args: str, broker: str | None = None, check: bool = True, timeout: float = 600,
-               cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """Run the installed `batchinfer` command line like a user would."""
-    env = dict(os.environ)
+               cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `batchinfer` command line like a user would (``env``: extra variables)."""
+    env = {**os.environ, **(env or {})}
     if broker:
         env["BATCHINFER_BROKER_URL"] = broker
     proc = subprocess.run([str(BIN / "batchinfer"), *args], capture_output=True, text=True, env=env,

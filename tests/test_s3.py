@@ -291,7 +291,11 @@ def test_submit_s3_to_s3_then_collect_locally_and_to_s3(s3, s3_worker, mixed_buc
     good = frame[frame["error"].isna()]
     assert good["label"].notna().all() and (good["score"] > 0).all()
     n_shards = -(-len(expected) // 4)
-    assert _keys(client, "mixed", "out/") == [f"out/shard-{i:06d}.parquet" for i in range(n_shards)]
+    data = [k for k in _keys(client, "mixed", "out/") if not k.startswith("out/_")]
+    assert data == [f"out/shard-{i:06d}.parquet" for i in range(n_shards)]
+    wait_until(lambda: "out/_SUCCESS" in _keys(client, "mixed", "out/"), 30, "the completion marker")
+    assert "out/_manifest.json" in _keys(client, "mixed", "out/")
+    assert f"out/_batchinfer/{job_id}/shard-000000.uris.gz" in _keys(client, "mixed", "out/")
     status = batchinfer("status", job_id, broker=redis_url).stdout
     assert f"{n_shards}/{n_shards} done" in status and f"{len(expected)}/{len(expected)}" in status
 
@@ -355,7 +359,7 @@ def test_a_missing_bucket_fails_the_shard_not_every_image(s3, s3_worker, redis_u
     assert "shard-000000: failed" in col.stderr and "bucket 'no-such-bucket' does not exist" in col.stderr
     status = batchinfer("status", job_id, broker=redis_url, check=False).stdout
     assert "1 failed" in status and "0 error rows" in status and "no-such-bucket" in status
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir()), "no rows were written"
+    assert not list((tmp_path / "out").glob("*.parquet")), "no rows were written"
     job = RedisJobStore.from_url(redis_url).get_job(job_id, shards=True)
     assert job.shards[0]["state"] == "failed" and job.shards[0]["reason"].startswith("ConfigError")
     assert job.shards[0]["attempts"] == 1, "a bucket that does not exist is not retried"
@@ -371,8 +375,13 @@ def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url,
     manifest.write_text("".join(u + "\n" for u in listed))
 
     s3.stop()
+    down = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
+                      broker=redis_url, check=False)
+    assert down.returncode == 1 and "Could not connect" in down.stderr and "--resume" in down.stderr
+    assert down.stderr.strip().splitlines()[-1].startswith("batchinfer: error:"), "one line, no traceback"
+    # shard lists spooled to a local folder: the job is queued while the output store is down
     sub = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
-                     broker=redis_url)
+                     broker=redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
     job_id = sub.stdout.strip().splitlines()[-1]
     store = RedisJobStore.from_url(redis_url)
     wait_until(lambda: any(s.get("reason") for s in store.get_job(job_id, shards=True).shards.values()), 60,
@@ -387,4 +396,46 @@ def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url,
     assert all(s["state"] == "done" for s in job.shards.values()) and len(job.shards) == 3
     retried = [s for s in job.shards.values() if s["attempts"] > 1]
     assert retried, "attempts failed against the stopped server and were retried after their backoff"
-    assert _keys(s3.client(), "flaky-out") == [f"run/shard-{i:06d}.parquet" for i in range(3)]
+    data = [k for k in _keys(s3.client(), "flaky-out") if not k.startswith("run/_")]
+    assert data == [f"run/shard-{i:06d}.parquet" for i in range(3)]
+
+
+def test_collect_streams_to_s3_in_parts_without_local_staging(s3, monkeypatch):
+    """A 12 MiB output goes up as a multipart upload of 5 MiB parts while it is written; no temporary file."""
+    import tempfile
+
+    import numpy as np
+
+    from producer.collect import write_tables
+
+    client = s3.client()
+    client.create_bucket(Bucket="streamed")
+    monkeypatch.setenv("BATCHINFER_S3_PART_SIZE", str(5 << 20))
+
+    def no_local_files(*args, **kwargs):
+        raise AssertionError("collect staged the output on local disk")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_local_files)
+    rng = np.random.default_rng(0)
+    tables = [pa.table({"uri": [f"/img/{i}-{k}.jpg" for k in range(1000)],
+                        "features": list(rng.standard_normal((1000, 400), dtype=np.float32))}) for i in range(8)]
+    rows = write_tables(iter(tables), "s3://streamed/all.parquet", "parquet")
+    assert rows == 8000
+    head = client.head_object(Bucket="streamed", Key="all.parquet")
+    assert head["ContentLength"] > 10 << 20 and "-" in head["ETag"], "a multipart upload (ETag of parts)"
+    body = client.get_object(Bucket="streamed", Key="all.parquet")["Body"].read()
+    back = pq.read_table(io.BytesIO(body))
+    assert back.column("uri").to_pylist() == [u for t in tables for u in t.column("uri").to_pylist()]
+
+    def broken():
+        yield tables[0]
+        yield tables[1]
+        raise RuntimeError("the collector died")
+
+    with pytest.raises(RuntimeError):
+        write_tables(broken(), "s3://streamed/half.parquet", "parquet")
+    assert "half.parquet" not in _keys(client, "streamed"), "no half-written object"
+    assert not client.list_multipart_uploads(Bucket="streamed").get("Uploads"), "the upload was aborted"
+    write_tables(iter(tables[:1]), "s3://streamed/small.csv", "csv")  # text, under one part: a single PUT
+    text = client.get_object(Bucket="streamed", Key="small.csv")["Body"].read().decode()
+    assert text.splitlines()[0] == "uri,features" and len(text.splitlines()) == 1001

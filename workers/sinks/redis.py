@@ -112,21 +112,37 @@ def read_schema(client: Any, job_id: str) -> pa.Schema | None:
     return pa.ipc.read_schema(pa.py_buffer(raw)) if raw else None
 
 
-def decode_row(raw: dict[bytes, bytes], schema: pa.Schema) -> dict[str, Any]:
-    """A hash read back from Redis -> a row of ``schema`` (the inverse of ``encode_row``)."""
-    row: dict[str, Any] = {}
+def read_rows(client: Any, rows_key: str, schema: pa.Schema) -> pa.Table:
+    """A shard's rows as an Arrow table: one pipelined round trip, feature vectors straight from their
+    bytes into Arrow through numpy (no Python float per value)."""
+    row_keys = client.lrange(rows_key, 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for key in row_keys:
+        pipe.hgetall(key)
+    raws = pipe.execute()
+    columns = []
     for field in schema:
-        value = raw.get(field.name.encode())
-        if value is None:
-            row[field.name] = None
-        elif pa.types.is_fixed_size_list(field.type):
-            row[field.name] = np.frombuffer(value, dtype=FEATURE_DTYPE).tolist()
-        elif pa.types.is_list(field.type):
-            row[field.name] = json.loads(value)
-        elif pa.types.is_integer(field.type):
-            row[field.name] = int(value)
-        elif pa.types.is_floating(field.type):
-            row[field.name] = float(value)
+        name = field.name.encode()
+        values = [raw.get(name) for raw in raws]
+        if pa.types.is_fixed_size_list(field.type):
+            dim = field.type.list_size
+            missing = np.array([v is None for v in values], dtype=bool)
+            zero = bytes(dim * FEATURE_DTYPE.itemsize)
+            flat = np.frombuffer(b"".join(zero if v is None else v for v in values), dtype=FEATURE_DTYPE)
+            array = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32, copy=False)), dim,
+                                                      mask=pa.array(missing) if missing.any() else None)
+            columns.append(array.cast(field.type))
         else:
-            row[field.name] = value.decode()
-    return row
+            columns.append(pa.array([None if v is None else _scalar(v, field.type) for v in values],
+                                    type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _scalar(value: bytes, type_: pa.DataType) -> Any:
+    if pa.types.is_list(type_):
+        return json.loads(value)
+    if pa.types.is_integer(type_):
+        return int(value)
+    if pa.types.is_floating(type_):
+        return float(value)
+    return value.decode()

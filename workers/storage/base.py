@@ -32,3 +32,26 @@ class PendingFile:
             self.commit()
         else:
             self.discard()
+
+
+class StreamedFile:
+    """A binary file object to write a large output through, published whole on success.
+
+    ``with backend.open_stream(uri) as fh:`` — the default goes through ``open_atomic`` (a local
+    temporary file, then rename or upload); S3 overrides it with a multipart upload that sends parts as
+    they fill, so nothing is staged on local disk.
+    """
+
+    def __init__(self, pending: PendingFile) -> None:
+        self.pending = pending
+        self.fh = open(pending.path, "wb")
+
+    def __enter__(self) -> object:
+        return self.fh
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.fh.close()
+        if exc_type is None:
+            self.pending.commit()
+        else:
+            self.pending.discard()

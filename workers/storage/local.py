@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from workers.storage.base import PendingFile
+from workers.storage.base import PendingFile, StreamedFile
 
 
 def _umask() -> int:
@@ -67,6 +67,10 @@ class LocalStorage:
                 os.unlink(stale)
                 removed += 1
         return removed
+
+    def open_stream(self, uri: str) -> StreamedFile:
+        """A binary file to write ``uri`` through (temporary name, renamed on success)."""
+        return StreamedFile(self.open_atomic(uri))
 
     def open_atomic(self, uri: str) -> AtomicFile:
         """Write to a hidden temporary name in the same folder; ``commit()`` renames it over ``uri``."""

@@ -19,7 +19,9 @@ unreachable after retries) raises ``ShardError``: the shard is retried, then mar
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import threading
 from collections.abc import Iterator
@@ -135,6 +137,85 @@ class S3Upload(PendingFile):
             self.discard()
 
 
+PART_SIZE_ENV = "BATCHINFER_S3_PART_SIZE"
+
+
+class MultipartUpload(io.RawIOBase):
+    """``with MultipartUpload(storage, uri) as fh: fh.write(...)``; see ``S3Storage.open_stream``.
+
+    Parts of ``$BATCHINFER_S3_PART_SIZE`` bytes (default 16 MiB, S3's minimum is 5 MiB) are uploaded
+    as soon as they fill; an output smaller than one part is a single PUT.
+    """
+
+    def __init__(self, storage: S3Storage, uri: str) -> None:
+        super().__init__()
+        self.storage, self.uri = storage, uri
+        self.bucket, self.key = split_uri(uri)
+        self.part_size = max(int(os.environ.get(PART_SIZE_ENV) or 16 << 20), 5 << 20)
+        self.buffer = bytearray()
+        self.parts: list[dict[str, Any]] = []
+        self.upload_id: str | None = None
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.buffer += view
+        self.position += len(view)
+        while len(self.buffer) >= self.part_size:
+            self._send(bytes(self.buffer[:self.part_size]))
+            del self.buffer[:self.part_size]
+        return len(view)
+
+    def _call(self, action: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, Key=self.key, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise _convert(exc, self.uri, action, per_object=False) from exc
+
+    def _send(self, part: bytes) -> None:
+        client = self.storage.client
+        if self.upload_id is None:
+            self.upload_id = self._call("write", client.create_multipart_upload)["UploadId"]
+        number = len(self.parts) + 1
+        etag = self._call("write", client.upload_part, UploadId=self.upload_id, PartNumber=number, Body=part)["ETag"]
+        self.parts.append({"ETag": etag, "PartNumber": number})
+
+    def __enter__(self) -> MultipartUpload:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        client = self.storage.client
+        if exc_type is not None:
+            if self.upload_id is not None:
+                with contextlib.suppress(Exception):
+                    self._call("abort", client.abort_multipart_upload, UploadId=self.upload_id)
+            super().close()
+            return
+        try:
+            if self.upload_id is None:  # small: one PUT
+                self._call("write", client.put_object, Body=bytes(self.buffer))
+            else:
+                if self.buffer:
+                    self._send(bytes(self.buffer))
+                self._call("write", client.complete_multipart_upload, UploadId=self.upload_id,
+                           MultipartUpload={"Parts": self.parts})
+        except BaseException:
+            if self.upload_id is not None:
+                with contextlib.suppress(Exception):
+                    self._call("abort", client.abort_multipart_upload, UploadId=self.upload_id)
+            raise
+        finally:
+            super().close()
+
+
 class S3Storage:
     """Reads, lists and atomically writes ``s3://`` objects. Pass ``client`` to inject one (tests)."""
 
@@ -217,6 +298,11 @@ class S3Storage:
         except BotoCoreError as exc:
             raise _convert(exc, uri, "check") from exc
         return True
+
+    def open_stream(self, uri: str) -> MultipartUpload:
+        """A binary file whose bytes go up in parts as they fill (multipart upload); the object appears
+        only when it completes, and an error aborts the upload. Nothing is staged on local disk."""
+        return MultipartUpload(self, uri)
 
     def open_atomic(self, uri: str) -> S3Upload:
         """Write to a local temporary file; ``commit()`` uploads it to ``uri`` (a whole object or none)."""
