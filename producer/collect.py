@@ -143,6 +143,13 @@ class _ParquetOut:
             self.writer.close()
 
 
+def _iso(value: Any) -> str:
+    """Timestamps (``modified``) in JSON Lines: ISO 8601 with the UTC offset."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
 class _TextOut:
     """CSV (list columns as JSON text) or JSON Lines."""
 
@@ -160,7 +167,7 @@ class _TextOut:
             if self.csv is not None:
                 self.csv.writerow([json.dumps(v) if isinstance(v, list) else v for v in row.values()])
             else:
-                self.fh.write(json.dumps(row) + "\n")
+                self.fh.write(json.dumps(row, default=_iso) + "\n")
 
     def close(self) -> None:
         self.fh.flush()

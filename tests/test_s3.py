@@ -7,6 +7,7 @@ restarted by the last test, so each test brings its own buckets.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import time
@@ -231,7 +232,8 @@ class _FailingClient:
                     if self.gets < 2:
                         raise ResponseStreamingError(error="connection reset")
                     return b"whole"
-            return {"Body": Body()}
+            return {"Body": Body(), "ContentLength": 5, "ETag": '"e1"',
+                    "LastModified": datetime.datetime(2026, 11, 23, tzinfo=datetime.timezone.utc)}
         status = {"NoSuchKey": 404, "AccessDenied": 403, "NoSuchBucket": 404, "ExpiredToken": 400,
                   "InvalidAccessKeyId": 403}[Key]
         raise _client_error(Key, status)

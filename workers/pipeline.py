@@ -26,6 +26,7 @@ from workers.schema import build_batch, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
 from workers.storage import storage_for
+from workers.storage.base import FileInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Loaded:
     image: Decoded | None
     error: str | None
     seconds: float
+    info: FileInfo | None = None  # the version of the file that was read (size, mtime, ETag)
 
 
 def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int]) -> _Loaded:
@@ -57,7 +59,7 @@ def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: t
     """
     start = time.perf_counter()
     try:
-        data = storage_for(uri).read(uri)
+        data, info = storage_for(uri).read_info(uri)
     except FileNotFoundError:
         return _Loaded(uri, None, "file not found", time.perf_counter() - start)
     except OSError as exc:
@@ -65,8 +67,8 @@ def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: t
     try:
         image = decode(data, size)
     except DecodeError as exc:
-        return _Loaded(uri, None, str(exc), time.perf_counter() - start)
-    return _Loaded(uri, image, None, time.perf_counter() - start)
+        return _Loaded(uri, None, str(exc), time.perf_counter() - start, info)
+    return _Loaded(uri, image, None, time.perf_counter() - start, info)
 
 
 def prefetched_batches(
@@ -162,7 +164,8 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
             t0 = time.perf_counter()
             sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
             rows = build_batch(
-                schema, [b.uri for b in batch], [b.error for b in batch], sizes, ok, outputs, predictor.labels
+                schema, [b.uri for b in batch], [b.error for b in batch], sizes, ok, outputs, predictor.labels,
+                [b.info for b in batch],
             )
             sink.write(rows)
             timings["write"] += time.perf_counter() - t0

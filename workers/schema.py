@@ -33,6 +33,9 @@ def output_schema(
         pa.field("error", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("modified", pa.timestamp("us", tz="UTC")),
+        pa.field("etag", pa.string()),
     ]
     if "classify" in tasks:
         fields += [
@@ -71,14 +74,22 @@ def build_batch(
     ok: Sequence[int],
     outputs: dict[str, np.ndarray],
     labels: Sequence[str] | None = None,
+    infos: Sequence[Any] | None = None,
 ) -> pa.RecordBatch:
-    """Rows for one batch; ``ok`` lists the positions that went through the model, in order."""
+    """Rows for one batch; ``ok`` lists the positions that went through the model, in order.
+
+    ``infos``: the version of each file that was read (``FileInfo``: size, mtime, ETag), None where
+    it could not be read."""
     n = len(uris)
+    infos = infos or [None] * n
     columns: dict[str, Any] = {
         "uri": pa.array(list(uris), pa.string()),
         "error": pa.array(list(errors), pa.string()),
         "width": pa.array([s[0] if s else None for s in sizes], pa.int32()),
         "height": pa.array([s[1] if s else None for s in sizes], pa.int32()),
+        "size_bytes": pa.array([i.size if i else None for i in infos], pa.int64()),
+        "modified": pa.array([i.modified if i else None for i in infos], pa.timestamp("us", tz="UTC")),
+        "etag": pa.array([i.etag if i else None for i in infos], pa.string()),
     }
     names = schema.names
     if "label" in names:

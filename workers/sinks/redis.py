@@ -46,7 +46,11 @@ class RedisSink(Sink):
 
     def write(self, batch: pa.RecordBatch) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for row in batch.to_pylist():
+        table = pa.Table.from_batches([batch])
+        for i, field in enumerate(table.schema):
+            if pa.types.is_timestamp(field.type):  # stored as integer microseconds
+                table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+        for row in table.to_pylist():
             self.errors += row.get("error") is not None
             temp = f"{self.staging}:{len(self.staged)}"
             pipe.hset(temp, mapping=encode_row(row, self.shard))
@@ -141,7 +145,7 @@ def read_rows(client: Any, rows_key: str, schema: pa.Schema) -> pa.Table:
 def _scalar(value: bytes, type_: pa.DataType) -> Any:
     if pa.types.is_list(type_):
         return json.loads(value)
-    if pa.types.is_integer(type_):
+    if pa.types.is_integer(type_) or pa.types.is_timestamp(type_):
         return int(value)
     if pa.types.is_floating(type_):
         return float(value)

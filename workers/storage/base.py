@@ -5,6 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What identifies a version of a file: size, modification time (µs since the epoch, UTC) and, on
+    object stores, the ETag. An incremental run reuses a row when all of them are unchanged."""
+
+    size: int
+    modified: int
+    etag: str | None = None
 
 
 class PendingFile:

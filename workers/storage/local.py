@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from workers.storage.base import PendingFile, StreamedFile
+from workers.storage.base import FileInfo, PendingFile, StreamedFile
 
 
 def _umask() -> int:
@@ -44,6 +44,19 @@ class LocalStorage:
     def read(self, uri: str) -> bytes:
         with open(to_path(uri), "rb") as fh:
             return fh.read()
+
+    def read_info(self, uri: str) -> tuple[bytes, FileInfo]:
+        """The bytes and the version they were read from (``fstat`` of the open file)."""
+        with open(to_path(uri), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            return fh.read(), FileInfo(st.st_size, st.st_mtime_ns // 1000)
+
+    def stat(self, uri: str) -> FileInfo | None:
+        try:
+            st = os.stat(to_path(uri))
+        except OSError:
+            return None
+        return FileInfo(st.st_size, st.st_mtime_ns // 1000)
 
     def open_read(self, uri: str) -> BinaryIO:
         return open(to_path(uri), "rb")

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from workers.errors import ConfigError, ShardError
-from workers.storage.base import PendingFile
+from workers.storage.base import FileInfo, PendingFile
 
 ENDPOINT_ENV = "BATCHINFER_S3_ENDPOINT_URL"
 DEFAULT_RETRY_MODE = "adaptive"
@@ -140,6 +140,10 @@ class S3Upload(PendingFile):
 PART_SIZE_ENV = "BATCHINFER_S3_PART_SIZE"
 
 
+def _info(size: int, modified: Any, etag: str | None) -> FileInfo:
+    return FileInfo(int(size), int(modified.timestamp() * 1_000_000), etag.strip('"') if etag else None)
+
+
 class MultipartUpload(io.RawIOBase):
     """``with MultipartUpload(storage, uri) as fh: fh.write(...)``; see ``S3Storage.open_stream``.
 
@@ -238,6 +242,10 @@ class S3Storage:
         return self._client
 
     def read(self, uri: str) -> bytes:
+        return self.read_info(uri)[0]
+
+    def read_info(self, uri: str) -> tuple[bytes, FileInfo]:
+        """The object's bytes and the version they came from (size, LastModified, ETag of the GET)."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -249,9 +257,11 @@ class S3Storage:
         bucket, key = split_uri(uri)
         for attempt in range(1, _READS + 1):
             try:
-                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                response = self.client.get_object(Bucket=bucket, Key=key)
+                body = response["Body"]
                 try:
-                    return body.read()
+                    return body.read(), _info(response["ContentLength"], response["LastModified"],
+                                              response.get("ETag"))
                 finally:
                     body.close()
             except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as exc:
@@ -273,6 +283,10 @@ class S3Storage:
 
     def list(self, prefix: str) -> Iterator[str]:
         """URIs of every object under ``prefix`` in key order, one listing page (1000 keys) at a time."""
+        return (uri for uri, _ in self.list_info(prefix))
+
+    def list_info(self, prefix: str) -> Iterator[tuple[str, FileInfo]]:
+        """``list`` with each object's size, LastModified and ETag, which the listing returns anyway."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key_prefix = split_uri(prefix)
@@ -280,9 +294,20 @@ class S3Storage:
         try:
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    yield f"s3://{bucket}/{obj['Key']}"
+                    yield f"s3://{bucket}/{obj['Key']}", _info(obj["Size"], obj["LastModified"], obj.get("ETag"))
         except (ClientError, BotoCoreError) as exc:
             raise _convert(exc, prefix, "list", per_object=False) from exc
+
+    def stat(self, uri: str) -> FileInfo | None:
+        """One HEAD request; None when the object cannot be seen."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_uri(uri)
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError):
+            return None
+        return _info(head["ContentLength"], head["LastModified"], head.get("ETag"))
 
     def exists(self, uri: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
