@@ -29,6 +29,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _skip_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-unchanged", metavar="PREVIOUS_OUTPUT",
+                   help="reuse the rows of images unchanged (URI, size, mtime, S3 ETag) since this earlier output "
+                   "of the same model and options (a Parquet file or folder, local or s3://)")
+
+
 def _source_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("sources", nargs="*" if optional else "+", metavar="SOURCE",
                    help="image folder (scanned recursively), s3://bucket/prefix/, image file, or manifest "
@@ -61,6 +67,7 @@ def build_parser() -> Parser:
     p.add_argument("--output", "-o", required=True, help="result file (.parquet, .csv or .jsonl)")
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no results table")
+    _skip_option(p)
     _s3_option(p)
 
     p = sub.add_parser("submit", help="enqueue shards for Celery workers; prints the job id last")
@@ -73,6 +80,7 @@ def build_parser() -> Parser:
     p.add_argument("--resume", metavar="JOB", help="carry on with a submit that stopped part way (sources and "
                    "options come from the job)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _skip_option(p)
     _s3_option(p)
     _broker_option(p)
 
@@ -164,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     filters = Filters(tuple(args.include), tuple(args.exclude))
     fmt = format_for(args.output, args.format)
     _, rows = run(args.sources, spec, args.output, fmt=fmt, filters=filters, shard_size=args.shard_size,
-                  progress=not args.quiet)
+                  progress=not args.quiet, skip_unchanged=args.skip_unchanged)
     if not args.quiet:
         print(results_table(args.output, fmt))
     print(f"wrote {rows} rows to {args.output}", file=sys.stderr)
@@ -176,8 +184,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from producer.submit import resume, settings_with_broker, submit
 
     if args.resume:
-        if args.sources or args.job_id:
-            raise ConfigError("--resume JOB takes no sources or --job-id: they come from the job")
+        if args.sources or args.job_id or args.skip_unchanged:
+            raise ConfigError("--resume JOB takes no sources, --job-id or --skip-unchanged: they come from the job")
         print(resume(args.resume, settings_with_broker(args.broker), progress=not args.quiet))
         return 0
     if not args.sources:
@@ -193,7 +201,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     output = OutputSpec(sink=args.sink, path=path, ttl=args.ttl)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
-                    shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet)
+                    shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet,
+                    skip_unchanged=args.skip_unchanged)
     print(job_id)
     return 0
 

@@ -112,16 +112,21 @@ def walk_prefix(uri: str, filters: Filters = Filters()) -> Iterator[str]:
     are skipped and the filters see the key below the prefix. A listing that fails (no such bucket,
     access denied, endpoint down) raises ``SourceError``.
     """
+    return (found for found, _ in walk_prefix_info(uri, filters))
+
+
+def walk_prefix_info(uri: str, filters: Filters = Filters()) -> Iterator[tuple[str, Any]]:
+    """``walk_prefix`` with each object's ``FileInfo`` (size, LastModified, ETag) from the listing."""
     scheme, _, rest = uri.partition("://")
     bucket, _, key = rest.partition("/")
     prefix = f"{scheme}://{bucket}/{key if not key or key.endswith('/') else key + '/'}"
     try:
-        for found in storage_for(prefix).list(prefix):
+        for found, info in storage_for(prefix).list_info(prefix):
             rel = found[len(prefix):]
             if not rel or rel.endswith("/") or any(part.startswith(".") for part in rel.split("/")):
                 continue  # folder markers and hidden entries
             if is_image_name(rel) and filters.accepts(rel):
-                yield found
+                yield found, info
     except (OSError, ShardError, ConfigError) as exc:
         raise SourceError(str(exc)) from exc
 
@@ -240,3 +245,14 @@ def iter_uris(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[
         for uri in read_manifest(path):
             if filters.accepts(uri):
                 yield uri
+
+
+def iter_entries(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[tuple[str, Any]]:
+    """``(uri, FileInfo | None)`` for every image of ``iter_uris``: the version of each file (size,
+    modification time, ETag), from the S3 listing where it comes with it, else a stat (S3: a HEAD)."""
+    for source in sources:
+        if is_remote(source) and remote_kind(source) == "prefix":
+            yield from walk_prefix_info(source, filters)
+            continue
+        for uri in iter_uris([source], filters):
+            yield uri, storage_for(uri).stat(uri)

@@ -18,9 +18,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from producer.incremental import Previous, split
 from producer.jobs import check_job_id, connect_store, new_job_id, redact
 from producer.shards import shards
-from producer.sources import Filters, check_sources, iter_uris
+from producer.sources import Filters, check_sources, iter_entries, iter_uris
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, message, shard_name, spec_dicts
 from workers.errors import BrokerError, ConfigError, JobExists, ShardError, SourceError
 from workers.settings import Settings
@@ -39,12 +40,17 @@ def _outage_errors() -> tuple[type[BaseException], ...]:
 def submit(
     sources: list[str], model: ModelSpec, output: OutputSpec, settings: Settings, *,
     filters: Filters = Filters(), shard_size: int = 256, job_id: str | None = None, progress: bool = True,
+    skip_unchanged: str | None = None,
 ) -> str:
-    """Create a job and enqueue every shard of ``sources``; return the job id."""
+    """Create a job and enqueue every shard of ``sources``; return the job id. With ``skip_unchanged``
+    (a previous output), unchanged images reuse their rows (``producer.incremental``)."""
     if job_id is not None:
         check_job_id(job_id)
     check_sources(sources)
-    uris = iter_uris(sources, filters)
+    if skip_unchanged and not spool_for("x", output, settings.spool):
+        raise ConfigError("--skip-unchanged needs a Parquet --output (or BATCHINFER_SPOOL) to list the reused rows")
+    previous = Previous(skip_unchanged, model) if skip_unchanged else None
+    uris = iter_entries(sources, filters) if previous else iter_uris(sources, filters)
     first = next(uris, None)
     if first is None:
         raise SourceError(f"no images found in {' '.join(sources)}")
@@ -54,11 +60,11 @@ def submit(
     spec: dict[str, Any] = {
         "model": asdict(model), "output": asdict(output), "sources": sources, "shard_size": shard_size,
         "include": list(filters.include), "exclude": list(filters.exclude), "queue": settings.queue,
-        "spool": spool_for(job_id, output, settings.spool)}
+        "spool": spool_for(job_id, output, settings.spool), "skip_unchanged": skip_unchanged}
     if not store.create_job(job_id, spec):
         raise JobExists(f"job {job_id} already exists (choose another --job-id, or `batchinfer delete {job_id}`)")
-    return _enqueue(store, app, settings, job_id, model, output, chain([first], uris), shard_size, progress,
-                    spool=spec["spool"])
+    return _enqueue(store, app, settings, job_id, model, output, _stream(chain([first], uris), previous, shard_size),
+                    progress, spool=spec["spool"])
 
 
 def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
@@ -75,11 +81,21 @@ def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
     settings = replace(settings, queue=spec.get("queue") or settings.queue)
     filters = Filters(tuple(spec.get("include") or ()), tuple(spec.get("exclude") or ()))
     check_sources(spec["sources"])
+    model = ModelSpec.from_dict(spec["model"])
+    previous = Previous(spec["skip_unchanged"], model) if spec.get("skip_unchanged") else None
+    entries = iter_entries(spec["sources"], filters) if previous else iter_uris(spec["sources"], filters)
     app = _app(settings)
     store.resume_submit(job_id)
-    return _enqueue(store, app, settings, job_id, ModelSpec.from_dict(spec["model"]),
-                    OutputSpec.from_dict(spec["output"]), iter_uris(spec["sources"], filters), spec["shard_size"],
-                    progress, recorded=job.n_shards, spool=spec.get("spool"))
+    return _enqueue(store, app, settings, job_id, model, OutputSpec.from_dict(spec["output"]),
+                    _stream(entries, previous, spec["shard_size"]), progress, recorded=job.n_shards,
+                    spool=spec.get("spool"))
+
+
+def _stream(entries: Any, previous: Previous | None, shard_size: int) -> Any:
+    """``(shard_id, uris, carry)``: plain shards, or processed and carry shards of an incremental run."""
+    if previous is None:
+        return ((shard_id, chunk, None) for shard_id, chunk in shards(entries, shard_size))
+    return split(entries, previous, shard_size)
 
 
 def _app(settings: Settings) -> Any:
@@ -91,7 +107,7 @@ def _app(settings: Settings) -> Any:
 
 
 def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: ModelSpec, output: OutputSpec,
-             uris: Any, shard_size: int, progress: bool, recorded: int = 0, spool: str | None = None) -> str:
+             stream: Any, progress: bool, recorded: int = 0, spool: str | None = None) -> str:
     """Record and send every shard; the first ``recorded`` ones were recorded by an earlier submit.
 
     With a spool, each shard's list is written to storage first (a few writes in flight at once, for
@@ -99,7 +115,7 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
     """
     bar = tqdm(desc=f"submit {job_id}", unit="img", file=sys.stderr, disable=not progress)
     specs = spec_dicts(model, output)
-    count = n_shards = 0
+    count = n_shards = reused = 0
     inflight: deque[tuple[int, list[str], Future[None] | None]] = deque()
 
     def send(producer: Any, shard_id: int, chunk: list[str], written: Future[None] | None) -> None:
@@ -116,8 +132,9 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
 
     try:
         with app.producer_or_acquire() as producer, ThreadPoolExecutor(SPOOL_WRITERS) as pool:
-            for shard_id, chunk in shards(uris, shard_size):
+            for shard_id, chunk, carry in stream:
                 count += len(chunk)
+                reused += len(chunk) if carry else 0
                 n_shards += 1
                 bar.update(len(chunk))
                 if shard_id < recorded - 1:
@@ -125,7 +142,7 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
                 if shard_id == recorded - 1 and store.shard_uris(job_id, shard_id) != chunk:
                     raise SourceError(f"the sources of job {job_id} changed since it was submitted "
                                       f"(shard {shard_id} differs); submit a new job")
-                written = pool.submit(write_uris, shard_ref(spool, shard_id), chunk) if spool else None
+                written = pool.submit(write_uris, shard_ref(spool, shard_id), chunk, carry) if spool else None
                 inflight.append((shard_id, chunk, written))
                 if len(inflight) > SPOOL_WRITERS:
                     send(producer, *inflight.popleft())
@@ -153,6 +170,8 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
                           f"({recorded}); submit a new job")
     store.finish_submit(job_id, n_shards, count)
     print(f"submitted {count} images in {n_shards} shards as job {job_id}", file=sys.stderr)
+    if reused:
+        print(f"{count - reused} images to process, {reused} unchanged (their rows are reused)", file=sys.stderr)
     return job_id
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from workers.carry import carry_shard
 from workers.contract import ShardTask
 from workers.errors import ConfigError, ShardStopped
 from workers.jobstate import DEAD, RUN, SKIP_RUNNING, Holder
@@ -22,7 +23,7 @@ from workers.lease import LOST, Lease
 from workers.pipeline import ShardResult, process_shard
 from workers.settings import Settings
 from workers.sinks import sink_class
-from workers.spool import STATE, read_uris
+from workers.spool import STATE, read_shard_list
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,10 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
     token = holder.token
     with Lease(store, task.job_id, task.shard_id, token, settings.lease_seconds, settings.heartbeat_seconds) as lease:
         try:
+            carry = None
             if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
-                uris = (store.shard_uris(task.job_id, task.shard_id) if task.uris_ref == STATE
-                        else read_uris(task.uris_ref))
+                uris, carry = ((store.shard_uris(task.job_id, task.shard_id), None) if task.uris_ref == STATE
+                               else read_shard_list(task.uris_ref))
                 if uris is None:
                     raise ConfigError(f"the URIs of {where} are gone (job state expired or deleted?)")
                 task = replace(task, uris=uris)
@@ -135,8 +137,11 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                                                        {**counts, "recovered": True}), where, patience)
                 _maybe_complete_job(ended, task, store)
                 return Outcome(DONE, "output already committed", attempt=start.attempt)
-            predictor = get_predictor(task.model)
-            result = process_shard(task, predictor, settings, should_stop=lease.should_stop)
+            if carry is not None:  # an incremental run's unchanged images: copy their previous rows
+                result = carry_shard(task, carry, settings)
+            else:
+                predictor = get_predictor(task.model)
+                result = process_shard(task, predictor, settings, should_stop=lease.should_stop)
         except ShardStopped as stop:
             why = stop.reason
             if why == LOST:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 from workers.contract import OutputSpec, shard_name
 from workers.storage import storage_for
@@ -33,15 +34,25 @@ def shard_ref(spool: str, shard_id: int) -> str:
     return f"{spool}/{shard_name(shard_id)}.uris.gz"
 
 
-def encode(uris: list[str]) -> bytes:
-    return gzip.compress(json.dumps(uris, separators=(",", ":")).encode(), compresslevel=5, mtime=0)
+def encode(uris: list[str], carry: dict[str, Any] | None = None) -> bytes:
+    body: Any = uris if carry is None else {"uris": uris, **carry}
+    return gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=5, mtime=0)
 
 
-def write_uris(ref: str, uris: list[str]) -> None:
-    """Write a shard's list whole (temporary name, then rename / one PUT)."""
+def write_uris(ref: str, uris: list[str], carry: dict[str, Any] | None = None) -> None:
+    """Write a shard's list whole (temporary name, then rename / one PUT). A carry shard of an
+    incremental run (``producer.incremental``) also lists where each image's previous row is."""
     with storage_for(ref).open_atomic(ref) as target, open(target.path, "wb") as fh:
-        fh.write(encode(uris))
+        fh.write(encode(uris, carry))
+
+
+def read_shard_list(ref: str) -> tuple[list[str], dict[str, Any] | None]:
+    """A shard's URIs, and its carry list if it is a carry shard."""
+    body = json.loads(gzip.decompress(storage_for(ref).read(ref)))
+    if isinstance(body, dict):
+        return [str(u) for u in body.pop("uris")], body
+    return [str(u) for u in body], None
 
 
 def read_uris(ref: str) -> list[str]:
-    return [str(u) for u in json.loads(gzip.decompress(storage_for(ref).read(ref)))]
+    return read_shard_list(ref)[0]
