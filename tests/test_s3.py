@@ -367,6 +367,34 @@ def test_a_missing_bucket_fails_the_shard_not_every_image(s3, s3_worker, redis_u
     assert job.shards[0]["attempts"] == 1, "a bucket that does not exist is not retried"
 
 
+def test_an_incremental_nightly_run_on_s3_compares_etags(s3, s3_worker, redis_url, redis_client, tmp_path):
+    client = s3.client()
+    _upload(client, "nightly", "in/", PHOTOS)
+    common = (*FAST, "--shard-size", "2")
+    job1 = batchinfer("submit", "s3://nightly/in/", "--output", "s3://nightly/out1/", *common,
+                      broker=redis_url).stdout.strip().splitlines()[-1]
+    batchinfer("collect", job1, "--output", str(tmp_path / "night1.parquet"), "--wait", broker=redis_url)
+    before = pd.read_parquet(tmp_path / "night1.parquet").set_index("uri")
+    etags = {f"s3://nightly/{o['Key']}": o["ETag"].strip('"')
+             for o in client.list_objects_v2(Bucket="nightly", Prefix="in/")["Contents"]}
+    assert before["etag"].to_dict() == etags, "each row records the ETag of the object it read"
+
+    client.put_object(Bucket="nightly", Key="in/cat.jpg", Body=(PHOTOS / "coffee.jpg").read_bytes())  # changed
+    client.put_object(Bucket="nightly", Key="in/new.jpg", Body=(PHOTOS / "rocket.jpg").read_bytes())   # added
+    client.delete_object(Bucket="nightly", Key="in/motorcycle.png")                                   # deleted
+    sub = batchinfer("submit", "s3://nightly/in/", "--output", "s3://nightly/out2/", *common,
+                     "--skip-unchanged", "s3://nightly/out1/", broker=redis_url)
+    assert "2 images to process, 3 unchanged (their rows are reused)" in sub.stderr
+    job2 = sub.stdout.strip().splitlines()[-1]
+    batchinfer("collect", job2, "--output", str(tmp_path / "night2.parquet"), "--wait", broker=redis_url)
+    after = pd.read_parquet(tmp_path / "night2.parquet").set_index("uri")
+    assert sorted(after.index) == sorted(f"s3://nightly/{k}" for k in _keys(client, "nightly", "in/"))
+    for uri in ("s3://nightly/in/astronaut.jpg", "s3://nightly/in/coffee.jpg", "s3://nightly/in/rocket.jpg"):
+        assert str(after.loc[uri].to_dict()) == str(before.loc[uri].to_dict()), f"{uri}: reused as it was"
+    assert after.loc["s3://nightly/in/cat.jpg", "label"] == after.loc["s3://nightly/in/coffee.jpg", "label"]
+    assert after.loc["s3://nightly/in/cat.jpg", "etag"] != before.loc["s3://nightly/in/cat.jpg", "etag"]
+
+
 def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url, redis_client, tmp_path):
     """Runs last: restarting the session's server wipes what other tests uploaded."""
     (tmp_path / "empty").mkdir()
