@@ -154,12 +154,12 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
         print(job_id)  # the job exists: scripts can resume it
         raise BrokerError(f"lost the broker at {redact(settings.broker_url)} after {n_shards} shards ({exc}); "
                           f"job {job_id} is incomplete: resume it with `batchinfer submit --resume {job_id}`") from exc
-    except ShardError as exc:  # the spool's storage is unreachable: the same as an outage
+    except (ShardError, OSError) as exc:  # the spool's storage is unreachable: the same as an outage
         bar.close()
         _mark_failed(store, job_id, f"cannot write shard lists after {n_shards} shards: {exc}")
         print(job_id)
-        raise ShardError(f"{exc}; job {job_id} is incomplete: resume it with `batchinfer submit --resume {job_id}`"
-                         ) from exc
+        raise ShardError(f"cannot write shard lists: {exc}; job {job_id} is incomplete: resume it with "
+                         f"`batchinfer submit --resume {job_id}`") from exc
     except BaseException as exc:  # a bad manifest mid-stream, Ctrl-C: the job must not look "submitting" forever
         bar.close()
         _mark_failed(store, job_id, f"{type(exc).__name__}: {exc}")

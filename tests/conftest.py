@@ -244,8 +244,10 @@ def start_probe_worker(broker: str, folder: Path, name: str, **env: str) -> Work
     return Worker(broker, folder / f"{name}.log", cwd=folder, extra_env=extra, name=name)
 
 
-def submit_probe(folder: Path, probe: Path, broker: str, *extra: str, shard_size: int = 4) -> str:
+def submit_probe(folder: Path, probe: Path, broker: str, *extra: str, shard_size: int = 4,
+                 env: dict[str, str] | None = None) -> str:
     """`batchinfer submit` of ``folder`` with the probe model, 2 images per batch; returns the job id."""
     sub = batchinfer("submit", str(folder), "--model-path", str(probe), "--preprocess", "none", "--batch-size", "2",
-                     "--shard-size", str(shard_size), "--output", str(folder.parent / "out"), *extra, broker=broker)
+                     "--shard-size", str(shard_size), "--output", str(folder.parent / "out"), *extra, broker=broker,
+                     env=env)
     return sub.stdout.strip().splitlines()[-1]
