@@ -12,16 +12,14 @@ producer's memory: about 200 bytes per previous row.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
 from workers.schema import read_job_metadata
+from workers.sinks.parquet import read_schema, read_shard
 from workers.storage import storage_for
 from workers.storage.base import FileInfo
 
@@ -50,16 +48,6 @@ def previous_files(path: str) -> list[str]:
 
 def _data_file(rel: str) -> bool:
     return rel.endswith(".parquet") and not any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def _read(uri: str, columns: list[str] | None = None) -> Any:
-    source: Any = uri if "://" not in uri else io.BytesIO(storage_for(uri).read(uri))
-    return pq.read_table(source, columns=columns)
-
-
-def _schema(uri: str) -> Any:
-    source: Any = uri if "://" not in uri else io.BytesIO(storage_for(uri).read(uri))
-    return pq.read_schema(source)
 
 
 def differences(metadata: dict[str, Any], spec: ModelSpec) -> list[str]:
@@ -97,7 +85,7 @@ class Previous:
     def __init__(self, path: str, spec: ModelSpec) -> None:
         self.path = path
         self.files = previous_files(path)
-        schema = _schema(self.files[0])
+        schema = read_schema(self.files[0])
         missing = [c for c in VERSION_COLUMNS if c not in schema.names]
         if missing:
             raise ConfigError(f"--skip-unchanged {path}: it has no {', '.join(missing)} columns (made by an "
@@ -108,7 +96,7 @@ class Previous:
         self.schema = schema
         self.index: dict[str, tuple[int, int, str | None, int, int]] = {}
         for file_no, uri in enumerate(self.files):
-            table = _read(uri, VERSION_COLUMNS)
+            table = read_shard(uri, VERSION_COLUMNS)
             sizes = table.column("size_bytes").to_pylist()
             times = table.column("modified").cast("int64").to_pylist()
             for row, (u, size, modified, etag) in enumerate(zip(table.column("uri").to_pylist(), sizes, times,

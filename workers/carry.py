@@ -6,25 +6,19 @@ written through the job's sink like any shard, with the new job's id in the meta
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from workers.contract import ShardTask
 from workers.errors import ShardError
 from workers.pipeline import ShardResult
 from workers.schema import METADATA_KEY, read_job_metadata
 from workers.sinks import open_sink
-from workers.storage import storage_for
-
-
-def _read(uri: str) -> pa.Table:
-    return pq.read_table(uri if "://" not in uri else io.BytesIO(storage_for(uri).read(uri)))
+from workers.sinks.parquet import read_shard
 
 
 def carried_rows(uris: list[str], carry: dict[str, Any]) -> pa.Table:
@@ -34,7 +28,7 @@ def carried_rows(uris: list[str], carry: dict[str, Any]) -> pa.Table:
     pieces = []
     for file_no, uri in enumerate(files):
         positions = [p for p, (f, _) in enumerate(rows) if f == file_no]
-        table = _read(uri)
+        table = read_shard(uri)
         pieces.append(table.take(pa.array([rows[p][1] for p in positions], pa.int64())))
         order += positions
     table = pa.concat_tables(pieces).take(pa.array(np.argsort(np.array(order)), pa.int64()))

@@ -320,6 +320,3 @@ class MemoryJobStore:
             return True
         return False
 
-
-def worker_name() -> str:
-    return socket.gethostname()

@@ -131,6 +131,17 @@ def _write_bytes(uri: str, data: bytes) -> None:
         fh.write(data)
 
 
-def read_shard(uri: str) -> pa.Table:
-    """Read one shard's file back (used by the collector), from any storage backend."""
-    return pq.read_table(io.BytesIO(storage_for(uri).read(uri)))
+def read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file back (a shard for the collector, a previous output for an incremental run),
+    local files in place, others through their storage backend."""
+    return pq.read_table(_source(uri), columns=columns)
+
+
+def read_schema(uri: str) -> pa.Schema:
+    return pq.read_schema(_source(uri))
+
+
+def _source(uri: str) -> Any:
+    if "://" not in uri or uri.startswith("file://"):
+        return storage_path(uri)
+    return io.BytesIO(storage_for(uri).read(uri))
