@@ -7,14 +7,18 @@ producer commands start fast on machines without a GPU stack. Errors are one lin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import NoReturn
 
 from producer.config import add_model_options, model_spec_from_args
 from producer.sources import Filters
+from producer.words import plural
 from workers import __version__
 from workers.contract import SINKS, OutputSpec
 from workers.errors import BatchInferError, ConfigError
@@ -50,6 +54,11 @@ def _s3_option(p: argparse.ArgumentParser) -> None:
                    "their own $AWS_ENDPOINT_URL or $BATCHINFER_S3_ENDPOINT_URL (credentials: boto3's usual chain)")
 
 
+def _verbose_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show TensorFlow's start-up log (hidden by default; its warnings always show)")
+
+
 def _broker_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="Redis URL of the broker and job state "
                    "(default: $BATCHINFER_BROKER_URL or redis://localhost:6379/0)")
@@ -67,6 +76,7 @@ def build_parser() -> Parser:
     p.add_argument("--output", "-o", required=True, help="result file (.parquet, .csv or .jsonl)")
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no results table")
+    _verbose_option(p)
     _skip_option(p)
     _s3_option(p)
 
@@ -75,7 +85,7 @@ def build_parser() -> Parser:
     add_model_options(p)
     p.add_argument("--output", "-o", help="folder or s3://bucket/prefix/ for the shard Parquet files (parquet sink)")
     p.add_argument("--sink", choices=SINKS, default="parquet", help="parquet (default) or redis")
-    p.add_argument("--ttl", type=int, default=0, help="expiry in seconds of Redis sink rows (0: never)")
+    p.add_argument("--ttl", type=int, help="with --sink redis: expiry in seconds of the rows (default 0: never)")
     p.add_argument("--job-id", help="name the job: letters, digits, '-', '_', '.' (default: a new timestamped id)")
     p.add_argument("--resume", metavar="JOB", help="carry on with a submit that stopped part way (sources and "
                    "options come from the job)")
@@ -97,6 +107,7 @@ def build_parser() -> Parser:
     p.add_argument("--head", choices=("logistic", "dense"), default="logistic",
                    help="logistic regression (default) or one hidden Dense layer")
     p.add_argument("--epochs", type=int, default=300)
+    _verbose_option(p)
     p.add_argument("--holdout", type=float, default=0.0, help="fraction held out to report accuracy on")
     p.add_argument("--seed", type=int, default=0)
 
@@ -143,7 +154,7 @@ def build_parser() -> Parser:
 def _check_common(args: argparse.Namespace) -> None:
     if getattr(args, "shard_size", 1) < 1:
         raise ConfigError("--shard-size must be at least 1")
-    if getattr(args, "ttl", 0) < 0:
+    if (getattr(args, "ttl", None) or 0) < 0:
         raise ConfigError("--ttl must be 0 (never expire) or a number of seconds")
     if getattr(args, "interval", 1.0) <= 0:
         raise ConfigError("--interval must be a positive number of seconds")
@@ -155,6 +166,17 @@ def _check_common(args: argparse.Namespace) -> None:
         check_job_id(args.job_id)
     if getattr(args, "timeout", None) is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
+    if args.command == "collect" and args.timeout is not None and not args.wait:
+        raise ConfigError("--timeout applies to --wait")
+    if args.command == "status" and args.interval != 1.0 and not args.watch:
+        raise ConfigError("--interval applies to --watch")
+    if args.command == "status" and args.limit != 50 and not args.shards:
+        raise ConfigError("--limit applies to --shards")
+    if getattr(args, "verbose", False):
+        os.environ["BATCHINFER_VERBOSE"] = "1"
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    else:  # the worker modules' log lines repeat what the one error line says
+        logging.getLogger("workers").addHandler(logging.NullHandler())
     endpoint = getattr(args, "s3_endpoint_url", None)
     if endpoint is not None:
         if not endpoint.startswith(("http://", "https://")):
@@ -167,25 +189,29 @@ def _check_common(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from producer.collect import format_for
     from producer.embedded import results_table, run
+    from workers.storage import check_writable
 
     spec = model_spec_from_args(args)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     fmt = format_for(args.output, args.format)
+    check_writable(args.output)  # before the model is built or an image read
     _, rows = run(args.sources, spec, args.output, fmt=fmt, filters=filters, shard_size=args.shard_size,
                   progress=not args.quiet, skip_unchanged=args.skip_unchanged)
     if not args.quiet:
         print(results_table(args.output, fmt))
-    print(f"wrote {rows} rows to {args.output}", file=sys.stderr)
+    print(f"wrote {plural(rows, 'row')} to {args.output}", file=sys.stderr)
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from producer.config import missing_files
     from producer.submit import resume, settings_with_broker, submit
+    from workers.sinks import sink_class
 
     if args.resume:
-        if args.sources or args.job_id or args.skip_unchanged:
-            raise ConfigError("--resume JOB takes no sources, --job-id or --skip-unchanged: they come from the job")
+        if args.sources or args.job_id or args.skip_unchanged or args.output or args.ttl is not None:
+            raise ConfigError("--resume JOB takes no sources, --job-id, --output, --ttl or --skip-unchanged: they "
+                              "come from the job")
         print(resume(args.resume, settings_with_broker(args.broker), progress=not args.quiet))
         return 0
     if not args.sources:
@@ -195,10 +221,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {path} is not on this machine; workers must have it", file=sys.stderr)
     if args.sink == "parquet" and not args.output:
         raise ConfigError("the parquet sink needs --output DIR (or use --sink redis)")
+    if args.sink == "redis" and args.output:
+        raise ConfigError("--output is the parquet sink's folder; the redis sink writes to $BATCHINFER_REDIS_URL "
+                          "(drop --output, or use --sink parquet)")
+    if args.sink != "redis" and args.ttl is not None:
+        raise ConfigError("--ttl applies to --sink redis (Parquet files do not expire)")
     path = args.output
     if path and "://" not in path:  # a local folder: absolute, so every worker reads it the same way
         path = os.path.abspath(path)
-    output = OutputSpec(sink=args.sink, path=path, ttl=args.ttl)
+    output = OutputSpec(sink=args.sink, path=path, ttl=args.ttl or 0)
+    sink_class(output.sink).check(output)  # the folder (or S3 prefix) can be written: before any work
     filters = Filters(tuple(args.include), tuple(args.exclude))
     job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
                     shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet,
@@ -250,7 +282,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         what = "none of those shards can be retried (running?)" if args.shard else "no failed shards"
         print(f"{PROG}: job {args.job_id}: {what}", file=sys.stderr)
         return 1
-    print(f"requeued {len(shards)} shards of job {args.job_id}: "
+    print(f"requeued {plural(len(shards), 'shard')} of job {args.job_id}: "
           f"{', '.join(f'shard-{s:06d}' for s in shards[:10])}{' ...' if len(shards) > 10 else ''}", file=sys.stderr)
     return 0
 
@@ -273,15 +305,18 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     deleted = store.delete(args.job_id, rows=args.rows)
     if not deleted:
         raise ConfigError(f"unknown job {args.job_id!r}")
-    print(f"deleted job {args.job_id} ({deleted} keys)", file=sys.stderr)
+    print(f"deleted job {args.job_id} ({plural(deleted, 'key')})", file=sys.stderr)
     return 0
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from producer.collect import collect
+    from producer.collect import collect, format_for
     from producer.jobs import connect_store
     from producer.submit import settings_with_broker
+    from workers.storage import check_writable
 
+    fmt = format_for(args.output, args.format)
+    check_writable(args.output)  # before waiting or reading a row
     settings = settings_with_broker(args.broker)
     store = connect_store(settings.state_url, settings.retention)
     redis_client = None
@@ -289,9 +324,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     if job is not None and job.spec["output"]["sink"] == "redis":
         redis_client = connect_store(settings.redis_sink_url).client
     started = time.monotonic()
-    rows = collect(store, args.job_id, args.output, args.format, wait=args.wait, allow_partial=args.allow_partial,
+    rows = collect(store, args.job_id, args.output, fmt, wait=args.wait, allow_partial=args.allow_partial,
                    timeout=args.timeout, redis_client=redis_client)
-    print(f"collected {rows} rows into {args.output} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(f"collected {plural(rows, 'row')} into {args.output} in {time.monotonic() - started:.1f}s", file=sys.stderr)
     return 0
 
 
@@ -308,7 +343,6 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_head(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from producer.train_head import train_head
 
     if args.epochs < 1:
@@ -325,11 +359,27 @@ COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "coll
             "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete}
 
 
+class Terminated(BatchInferError):
+    """SIGTERM (what ``timeout``, systemd and Kubernetes send): unwinds like Ctrl-C, so temporary files go."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
+        from workers.settings import Settings
+
+        Settings.from_env()  # a bad BATCHINFER_* variable is one line here, whatever the command
         _check_common(args)
         return COMMANDS[args.command](args)
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BatchInferError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
@@ -339,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -55,14 +55,15 @@ def wait_for(store: Any, job_id: str, interval: float = 1.0, timeout: float | No
              progress: bool = True) -> JobState:
     """Poll until every shard is done or failed, with a progress bar on stderr."""
     job = get_job(store, job_id)
-    bar = tqdm(total=job.images_total, desc=f"job {job_id}", unit="img", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=job.images_total, initial=job.images_done, desc=f"job {job_id}", unit="img", file=sys.stderr,
+               disable=not progress)  # ``initial``: images done before we came are not part of the rate
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             if job.images_total is not None and bar.total != job.images_total:
                 bar.total = job.images_total
-            bar.n = job.images_done
             bar.set_postfix(failed=job.count(FAILED), refresh=False)
+            bar.update(max(job.images_done - bar.n, 0))  # a delta, so tqdm's rate and ETA are real
             bar.refresh()
             if job.finished:
                 return job
@@ -201,7 +202,13 @@ def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait:
     problems = check_complete(job)
     if problems and not allow_partial:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise IncompleteJob(f"job {job_id} is incomplete: {shown} (use --wait or --allow-partial)")
+        if job.n_failed:
+            hint = f"run them again with `batchinfer retry {job_id}`, or collect the rest with --allow-partial"
+        elif job.cancelled or job.submit_error:
+            hint = "collect what is done with --allow-partial"
+        else:
+            hint = "use --wait, or --allow-partial for what is done"
+        raise IncompleteJob(f"job {job_id} is incomplete: {shown} ({hint})")
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     output = OutputSpec.from_dict(job.spec["output"])

@@ -10,20 +10,26 @@ import os
 
 from workers.contract import DECODES, POOLINGS, PREPROCESS_FAMILIES, TASKS, ModelSpec
 from workers.errors import ConfigError
-from workers.models.registry import ARCHITECTURES, get_architecture, resolve_layer
+from workers.models.registry import ARCHITECTURES, Architecture, get_architecture, layer_name, resolve_layer
+
+DEFAULT_MODEL = "MobileNetV2"
+DEFAULT_TOP_K = 5
+CLASSIFIER_CLASSES = 1000  # every architecture's own classifier: ImageNet's classes
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model options")
-    g.add_argument("--model", default="MobileNetV2",
-                   help="keras.applications architecture, case-insensitive (see `batchinfer models`)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"keras.applications architecture, case-insensitive (default {DEFAULT_MODEL}; see "
+                   "`batchinfer models`)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a weights file "
                    "(full model or no-top variant)")
-    g.add_argument("--task", default="classify", choices=TASKS,
-                   help="classify, features, or classify,features (both from one forward pass)")
-    g.add_argument("--top-k", type=int, default=5, help="classes per image for classify (default 5)")
-    g.add_argument("--pooling", default="avg", choices=POOLINGS,
-                   help="pooling of 4-D feature maps; none keeps the map, flattened (default avg)")
+    g.add_argument("--task", default="classify", choices=TASKS, metavar="|".join(TASKS[:2]) + "|" + TASKS[2],
+                   help="classify (default), features, or classify,features (both from one forward pass)")
+    g.add_argument("--top-k", type=int, help="classes per image for classify (default 5)")
+    g.add_argument("--pooling", choices=POOLINGS,
+                   help="pooling of 4-D feature maps for features: avg (default), max, or none (keeps the map, "
+                   "flattened)")
     g.add_argument("--layer", action="append", default=[], metavar="NAME",
                    help="feature layer (repeatable: one column each); see `batchinfer layers MODEL`")
     g.add_argument("--input-size", type=int, metavar="N", help="square input size (default: the model's own)")
@@ -41,7 +47,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True) -> ModelSpec:
     """Build and validate the model spec; raises ``ConfigError`` with a one-line message."""
     tasks = args.task.split(",")
-    if args.top_k < 1:
+    if args.top_k is not None and "classify" not in tasks:
+        raise ConfigError("--top-k applies to --task classify")
+    if args.pooling is not None and "features" not in tasks:
+        raise ConfigError("--pooling applies to --task features")
+    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    if top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
@@ -51,8 +62,7 @@ def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True
         (args.input_size, args.input_size) if args.input_size is not None else None)
     if args.layer and "features" not in tasks:
         raise ConfigError("--layer applies to --task features")
-    if len(set(args.layer)) != len(args.layer):
-        raise ConfigError("each --layer may be given once")
+    layers = list(args.layer)
     if args.preprocess:
         if args.preprocess.lower() not in (*PREPROCESS_FAMILIES, *ARCHITECTURES):
             raise ConfigError(f"unknown --preprocess {args.preprocess!r}: use {', '.join(PREPROCESS_FAMILIES)} "
@@ -68,25 +78,53 @@ def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True
         if shape is not None and min(shape) < arch.min_size:
             given = f"--input-size {args.input_size}" if args.input_size else f"--input-shape {shape[0]} {shape[1]}"
             raise ConfigError(f"{given} is below {arch.name}'s minimum of {arch.min_size}")
-        for layer in args.layer:
-            resolve_layer(arch, layer)
+        if top_k > CLASSIFIER_CLASSES:
+            raise ConfigError(f"--top-k {top_k} is more than the {CLASSIFIER_CLASSES} classes of {arch.name}'s "
+                              "classifier")
+        layers = [layer_name(arch, layer) for layer in layers]
         weights = args.weights
         if weights.lower() in ("imagenet", "none"):
             weights = weights.lower()
         else:
             paths["--weights"] = weights
             weights = os.path.abspath(os.path.expanduser(weights))
+            _check_weights_file(weights, arch, "classify" in tasks or any(resolve_layer(arch, x)[1] for x in layers))
+    if len(set(layers)) != len(layers):
+        raise ConfigError("each --layer may be given once")
     resolved = {flag: os.path.abspath(os.path.expanduser(p)) for flag, p in paths.items() if p}
     if files_must_exist:
         for flag, path in resolved.items():
             if not os.path.exists(path):
                 raise ConfigError(f"{flag} {path}: no such file")
     return ModelSpec(
-        name=name, weights=resolved.get("--weights", weights), task=args.task, top_k=args.top_k,
-        pooling=args.pooling, layers=tuple(args.layer), input_shape=shape, decode=args.decode,
+        name=name, weights=resolved.get("--weights", weights), task=args.task, top_k=top_k,
+        pooling=args.pooling or "avg", layers=tuple(layers), input_shape=shape, decode=args.decode,
         batch_size=args.batch_size, model_path=resolved.get("--model-path"), labels=resolved.get("--labels"),
         preprocess=args.preprocess,
     )
+
+
+def _check_weights_file(path: str, arch: Architecture, include_top: bool) -> None:
+    """A weights file of another architecture (or without the classifier a classify job needs) fails here,
+    before any work, with the architecture it belongs to."""
+    from workers.models.weights_file import mismatch
+
+    if not os.path.isfile(path):
+        return  # missing: reported with the other files
+    if not _looks_like_weights(path):
+        raise ConfigError(f"{path} is not a weights file (.weights.h5, .h5 or .keras; .pth for EfficientNetLite0)")
+    said = mismatch(path, arch.name, include_top)
+    if said:
+        raise ConfigError(said)
+
+
+def _looks_like_weights(path: str) -> bool:
+    """HDF5 (.weights.h5, .h5), a zip (.keras) or a PyTorch state dict (a zip, or pickled by old torch)."""
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return head.startswith(b"\x89HDF\r\n\x1a\n") or zipfile.is_zipfile(path) or path.endswith((".pth", ".pt"))
 
 
 def missing_files(spec: ModelSpec) -> list[str]:

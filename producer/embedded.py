@@ -7,6 +7,7 @@ removed afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from producer.incremental import Previous, split
 from producer.jobs import new_job_id
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_entries, iter_uris
+from producer.words import plural
 from workers.contract import ModelSpec, OutputSpec, ShardTask
 from workers.errors import SourceError
 from workers.jobstate import MemoryJobStore
@@ -36,18 +38,21 @@ def run(
     ``skip_unchanged`` (a previous output), unchanged images reuse their rows (``producer.incremental``)."""
     check_sources(sources)
     previous = Previous(skip_unchanged, model) if skip_unchanged else None
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
     from workers.attempt import run_shard
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
+    total = sum(1 for _ in iter_uris(sources, filters)) if progress else None  # a listing, for the bar's ETA
+    if total == 0:
+        raise SourceError(f"no images found in {' '.join(sources)}")
+    cache = PredictorCache(maxsize=1)
+    cache.get(model)  # the model first: its errors come before any progress bar, and the bar times images only
     store = MemoryJobStore()
     job_id = new_job_id()
-    cache = PredictorCache(maxsize=1)
     workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
     out_spec = OutputSpec(sink="parquet", path=workdir)
     store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
-    bar = tqdm(desc="run", unit="img", file=sys.stderr, disable=not progress)
+    bar = tqdm(desc="run", total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     n_shards = count = reused = 0
     entries = iter_entries(sources, filters) if previous else iter_uris(sources, filters)
     stream = split(entries, previous, shard_size) if previous else (
@@ -61,14 +66,17 @@ def run(
                 write_uris(ref, chunk, carry)
                 task = ShardTask(job_id, shard_id, [], model, out_spec, uris_ref=ref)
                 reused += len(chunk)
-            run_shard(task, store, cache.get, settings)
+            run_shard(task, store, cache.get, settings, on_batch=bar.update)
+            if carry is not None:
+                bar.update(len(chunk))
             n_shards, count = n_shards + 1, count + len(chunk)
-            bar.update(len(chunk))
         if not n_shards:
             raise SourceError(f"no images found in {' '.join(sources)}")
         store.finish_submit(job_id, n_shards, count)
+        bar.close()
         if previous is not None:
-            print(f"processed {count - reused} images, reused {reused} rows from {skip_unchanged}", file=sys.stderr)
+            print(f"processed {plural(count - reused, 'image')}, reused {plural(reused, 'row')} from {skip_unchanged}",
+                  file=sys.stderr)
         rows = collect(store, job_id, output, fmt, allow_partial=allow_partial, progress=False)
     finally:
         bar.close()
@@ -87,13 +95,17 @@ def results_table(path: str, fmt: str, limit: int = 50) -> str:
         frame = pd.read_csv(path)
     else:
         frame = pd.read_json(path, lines=True)
+    def size(value: Any) -> str:
+        if isinstance(value, str):  # CSV keeps lists as JSON text
+            value = json.loads(value)
+        return "-" if value is None or (isinstance(value, float) and value != value) else f"{len(value)} floats"
+
     frame = frame.assign(file=frame["uri"].map(os.path.basename))
-    if "label" in frame:
-        cols = ["file", "label", "score", "error"]
-    else:
-        frame = frame.assign(features=frame["features"].map(lambda v: "-" if v is None else f"{len(v)} floats"))
-        cols = ["file", "features", "error"]
-    frame = frame[cols].fillna("")
+    cols = ["file"] + (["label", "score"] if "label" in frame else [])
+    for column in [c for c in frame.columns if c == "features" or c.startswith("features_")]:
+        frame[column] = frame[column].map(size)
+        cols.append(column)
+    frame = frame[[*cols, "error"]].fillna("")
     text = frame.head(limit).to_string(index=False)
     if len(frame) > limit:
         text += f"\n... {len(frame) - limit} more rows in {path}"

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from workers.contract import ModelSpec, file_fingerprint
+from workers.contract import PREPROCESS_FAMILIES, ModelSpec, file_fingerprint
 from workers.errors import ConfigError
 from workers.schema import read_job_metadata
 from workers.sinks.parquet import read_schema, read_shard
@@ -60,7 +60,13 @@ def differences(metadata: dict[str, Any], spec: ModelSpec) -> list[str]:
     if spec.input_shape:
         wanted["input_size"] = list(spec.input_shape)
     if spec.preprocess:
-        wanted["preprocess"] = spec.preprocess
+        from workers.models.preprocess import preprocess_family
+
+        wanted["preprocess"] = preprocess_family(spec.preprocess)
+        if metadata.get("preprocess") not in PREPROCESS_FAMILIES:  # written before the family was recorded
+            wanted["preprocess"] = spec.preprocess
+    if "top_k_requested" in metadata:
+        metadata = {**metadata, "top_k": metadata["top_k_requested"]}
     if spec.model_path:
         local = spec.model_path if os.path.exists(spec.model_path) else None
         if local and os.path.isfile(local):

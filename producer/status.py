@@ -10,6 +10,7 @@ import sys
 import time
 from typing import TextIO
 
+from producer.words import plural
 from workers.jobstate import DONE, FAILED, PENDING, RUNNING, JobState
 
 SHOWN = 20
@@ -47,7 +48,7 @@ def summary(job: JobState, now: float | None = None, live_workers: list[str] | N
         f"model    {model.get('name')} {model.get('task')} weights={model.get('weights')}",
         shards_line,
         f"images   {job.images_done}/{images_total if images_total is not None else '?'} done, "
-        f"{job.errors} error rows",
+        f"{plural(job.errors, 'error row')}",
     ]
     rate = job.rate(now)
     idle = not job.finished and not job.cancelled and live_workers is not None and not live_workers

@@ -22,9 +22,10 @@ from producer.incremental import Previous, split
 from producer.jobs import check_job_id, connect_store, new_job_id, redact
 from producer.shards import shards
 from producer.sources import Filters, check_sources, iter_entries, iter_uris
+from producer.words import plural
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, message, shard_name, spec_dicts
 from workers.errors import BrokerError, ConfigError, JobExists, ShardError, SourceError
-from workers.settings import Settings
+from workers.settings import Settings, check_redis_url
 from workers.spool import STATE, shard_ref, spool_for, write_uris
 
 SPOOL_WRITERS = 16  # shard lists written at once (S3 PUTs overlap)
@@ -169,9 +170,10 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
         raise SourceError(f"the sources of job {job_id} now have fewer shards ({n_shards}) than were submitted "
                           f"({recorded}); submit a new job")
     store.finish_submit(job_id, n_shards, count)
-    print(f"submitted {count} images in {n_shards} shards as job {job_id}", file=sys.stderr)
+    print(f"submitted {plural(count, 'image')} in {plural(n_shards, 'shard')} as job {job_id}", file=sys.stderr)
     if reused:
-        print(f"{count - reused} images to process, {reused} unchanged (their rows are reused)", file=sys.stderr)
+        print(f"{plural(count - reused, 'image')} to process, {reused} unchanged (their rows are reused)",
+              file=sys.stderr)
     return job_id
 
 
@@ -199,6 +201,7 @@ def settings_with_broker(broker: str | None) -> Settings:
     settings = Settings.from_env()
     if not broker:
         return settings
+    check_redis_url(broker, "--broker")
     state = os.environ.get("BATCHINFER_STATE_URL") or broker
     return replace(settings, broker_url=broker, state_url=state,
                    redis_sink_url=os.environ.get("BATCHINFER_REDIS_URL") or state)

@@ -71,6 +71,9 @@ def train_head(features: str, output: str, labels_from: str = "folder", head: st
     order = np.random.default_rng(seed).permutation(len(y))
     n_hold = int(round(len(y) * holdout))
     hold, train = order[:n_hold], order[n_hold:]
+    from workers.models.loader import tensorflow
+
+    tensorflow()  # imported quietly, before Keras imports it
     from workers.models.head import complete_model, fit_head  # TensorFlow: only when training
 
     model = fit_head(x[train], y[train], len(classes), head, epochs, seed)

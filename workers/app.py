@@ -54,5 +54,7 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
 
 
 app = Celery("batchinfer", include=["workers.tasks"])
-app.conf.update(celery_config(Settings.from_env()))
+# A promise, read when the configuration is first used (a worker starting, a submit): importing the
+# package never reads the environment, so a bad variable is the command line's one-line error.
+app.add_defaults(lambda: celery_config(Settings.from_env()))
 app.steps["worker"].add(recovery_step())

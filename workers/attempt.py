@@ -100,7 +100,7 @@ def committed_output(task: ShardTask, settings: Settings) -> dict[str, int] | No
 
 
 def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any], settings: Settings,
-                holder: Holder) -> Outcome:
+                holder: Holder, on_batch: Callable[[int], None] | None = None) -> Outcome:
     """Run one delivery of ``task`` under the job's state machine; see the module docstring."""
     where = f"job {task.job_id} {task.name}"
     patience = 2 * settings.lease_seconds
@@ -123,6 +123,7 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
     token = holder.token
     with Lease(store, task.job_id, task.shard_id, token, settings.lease_seconds, settings.heartbeat_seconds) as lease:
         try:
+            sink_class(task.output.sink).check(task.output)  # one clear reason before the model loads
             carry = None
             if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
                 uris, carry = ((store.shard_uris(task.job_id, task.shard_id), None) if task.uris_ref == STATE
@@ -141,7 +142,7 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                 result = carry_shard(task, carry, settings)
             else:
                 predictor = get_predictor(task.model)
-                result = process_shard(task, predictor, settings, should_stop=lease.should_stop)
+                result = process_shard(task, predictor, settings, should_stop=lease.should_stop, on_batch=on_batch)
         except ShardStopped as stop:
             why = stop.reason
             if why == LOST:
@@ -179,13 +180,13 @@ def _maybe_complete_job(ended: str, task: ShardTask, store: Any) -> None:
 
 
 def run_shard(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any],
-              settings: Settings | None = None) -> ShardResult:
+              settings: Settings | None = None, on_batch: Callable[[int], None] | None = None) -> ShardResult:
     """One attempt with no retries, for the embedded ``batchinfer run``: a failure raises its own error."""
     from dataclasses import replace
 
     settings = replace(settings or Settings.from_env(), max_attempts=1)
     store.add_shard(task.job_id, task.shard_id, task.uris)  # no-op when the producer recorded it
-    outcome = run_attempt(task, store, get_predictor, settings, Holder(worker="embedded"))
+    outcome = run_attempt(task, store, get_predictor, settings, Holder(worker="embedded"), on_batch)
     if outcome.error is not None:
         raise outcome.error
     if outcome.result is None:

@@ -105,20 +105,31 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
         "pooling": spec.pooling if features else None,
         "input_size": list(predictor.input_hw),
         "decode": spec.decode,
-        "preprocess": spec.preprocess,
-        "top_k": spec.top_k if "classify" in spec.tasks else None,
+        "preprocess": getattr(predictor, "preprocess_name", spec.preprocess),
+        **_top_k(spec, getattr(predictor, "top_k", spec.top_k)),
         "feature_columns": predictor.feature_columns,
         "feature_shapes": predictor.feature_shapes,
         "batchinfer_version": __version__,
     }
 
 
+def _top_k(spec: Any, effective: int) -> dict[str, Any]:
+    """``top_k`` as the rows have it; a request above the model's class count is cut, and said so."""
+    if "classify" not in spec.tasks:
+        return {"top_k": None}
+    if effective < spec.top_k:
+        return {"top_k": effective, "top_k_requested": spec.top_k}
+    return {"top_k": spec.top_k}
+
+
 def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
-                  should_stop: Callable[[], str | None] | None = None) -> ShardResult:
+                  should_stop: Callable[[], str | None] | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> ShardResult:
     """Run one shard through ``predictor`` into its sink; return counts and stage timings.
 
     ``should_stop`` is asked before each batch; a reason makes it raise ``ShardStopped``, and the sink
-    discards what it wrote (nothing of the shard is committed).
+    discards what it wrote (nothing of the shard is committed). ``on_batch(n)`` is told each batch's
+    image count (a progress bar).
     """
     settings = settings or Settings.from_env()
     spec = task.model
@@ -172,6 +183,8 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
             timings["read_decode"] += sum(b.seconds for b in batch)
             images += len(batch)
             errors += len(batch) - len(ok)
+            if on_batch is not None:
+                on_batch(len(batch))
         t0 = time.perf_counter()
     timings["write"] += time.perf_counter() - t0  # the sink's commit
     timings["total"] = time.perf_counter() - start

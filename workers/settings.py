@@ -9,7 +9,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from workers.errors import ConfigError
+
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
+
+
+def check_redis_url(url: str, what: str) -> str:
+    """A Redis URL, or ``ConfigError`` naming where it came from (the broker and job state are Redis)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES or not rest:
+        shown = url if "@" not in url else f"{scheme}://...@{url.rsplit('@', 1)[1]}"  # no password in messages
+        raise ConfigError(f"{what} must be a Redis URL (redis://HOST:PORT/DB, rediss:// or unix://), got {shown!r}")
+    return url
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -19,13 +31,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def _positive(env: dict[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise ConfigError(f"{name} must be at least 1, got {value}")
     return value
 
 
@@ -66,9 +78,9 @@ class Settings:
             state_url=state,
             redis_sink_url=env.get("BATCHINFER_REDIS_URL") or state,
             queue=env.get("BATCHINFER_QUEUE") or "batchinfer",
-            visibility_timeout=_int(env, "BATCHINFER_VISIBILITY_TIMEOUT", 6 * 3600),
-            io_threads=_int(env, "BATCHINFER_IO_THREADS", 8),
-            model_cache_size=_int(env, "BATCHINFER_MODEL_CACHE_SIZE", 2),
+            visibility_timeout=_positive(env, "BATCHINFER_VISIBILITY_TIMEOUT", 6 * 3600),
+            io_threads=_positive(env, "BATCHINFER_IO_THREADS", 8),
+            model_cache_size=_positive(env, "BATCHINFER_MODEL_CACHE_SIZE", 2),
             lease_seconds=_positive(env, "BATCHINFER_LEASE_SECONDS", 60),
             heartbeat_seconds=_positive(env, "BATCHINFER_HEARTBEAT_SECONDS", 10),
             max_attempts=_positive(env, "BATCHINFER_MAX_ATTEMPTS", 3),
@@ -80,8 +92,12 @@ class Settings:
         ).checked()
 
     def checked(self) -> Settings:
+        """Every value usable, or ``ConfigError`` with one line naming the variable."""
+        check_redis_url(self.broker_url, "BATCHINFER_BROKER_URL")
+        check_redis_url(self.state_url, "BATCHINFER_STATE_URL")
+        check_redis_url(self.redis_sink_url, "BATCHINFER_REDIS_URL")
         if self.heartbeat_seconds * 2 > self.lease_seconds:
-            raise ValueError(f"BATCHINFER_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
+            raise ConfigError(f"BATCHINFER_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
                              f"BATCHINFER_LEASE_SECONDS ({self.lease_seconds}), or live shards would lose their lease")
         return self
 

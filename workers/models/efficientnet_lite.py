@@ -274,6 +274,15 @@ def checkpoint_path() -> Path:
     raise ConfigError(f"no efficientnet-lite0 .pth file in the installed {PACKAGE}; reinstall: {INSTALL_HINT}")
 
 
+def imagenet_fingerprint() -> str:
+    """What ``weights="imagenet"`` means here, for the output's metadata: the converted checkpoint
+    (its file name and sha256), not a Keras release's download."""
+    from workers.contract import file_fingerprint
+
+    source = checkpoint_path()
+    return f"converted:{source.name}:{file_fingerprint(str(source))}"
+
+
 def imagenet_weights(include_top: bool = True) -> Path:
     """The cached Keras ImageNet weights file, converted from the checkpoint package on first use."""
     folder = keras_cache_dir()

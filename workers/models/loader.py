@@ -26,8 +26,9 @@ import numpy as np
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
 from workers.models.custom import load_custom, read_labels
-from workers.models.preprocess import preprocess_function
+from workers.models.preprocess import preprocess_family, preprocess_function
 from workers.models.registry import Architecture, get_architecture, layer_names, resolve_layer
+from workers.quiet import quiet_startup
 
 log = logging.getLogger(__name__)
 RANDOM_SEED = 0
@@ -35,10 +36,13 @@ RANDOM_SEED = 0
 
 @lru_cache(maxsize=1)
 def tensorflow() -> Any:
-    """Import TensorFlow once; let several processes share a GPU by growing memory on demand."""
-    import tensorflow as tf
+    """Import TensorFlow once, without its start-up chatter (``workers.quiet``); let several processes
+    share a GPU by growing memory on demand."""
+    with quiet_startup():
+        import tensorflow as tf
 
-    for gpu in tf.config.list_physical_devices("GPU"):
+        gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # the device was already initialised by another model
@@ -71,6 +75,8 @@ class Predictor:
     fingerprint: str
     _fn: Any
     _preprocess: Any
+    preprocess_name: str = "none"  # the family that ran (caffe, tf, torch, none), for the metadata
+    top_k: int = 0  # classes per row: the requested top-k, cut to the model's class count
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """The model's preprocessing on a float32 batch (may work in place)."""
@@ -134,6 +140,18 @@ def _copy_prefix(src: Any, dst: Any) -> None:
         unused.remove(match)
 
 
+def _weights_error(path: Path, arch: Architecture, include_top: bool, exc: Exception) -> ConfigError:
+    """One line: which architecture the file belongs to when that can be told, else Keras's first line."""
+    from workers.models.weights_file import mismatch
+
+    said = mismatch(str(path), arch.name, include_top)
+    if said:
+        return ConfigError(said)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    what = "with the classifier" if include_top else "with or without the classifier"
+    return ConfigError(f"{path} does not hold {arch.name} weights {what} ({first})")
+
+
 def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include_top: bool) -> tuple[Any, str]:
     """The Keras model for ``spec`` with its weights, and a fingerprint of those weights."""
     import keras
@@ -149,7 +167,8 @@ def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include
             raise ConfigError(f"{arch.name} with ImageNet weights: {exc}") from exc
         except Exception as exc:  # get_file wraps network failures in a plain Exception
             raise _imagenet_error(arch, exc) from exc
-        return model, f"imagenet:keras-{keras.__version__}"
+        own = getattr(importlib.import_module(arch.constructor_module), "imagenet_fingerprint", None)
+        return model, own() if own else f"imagenet:keras-{keras.__version__}"
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"weights file not found: {weights}")
@@ -161,15 +180,12 @@ def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include
             full.load_weights(str(path))
     except Exception as full_exc:  # not the full model's weights: try the no-top variant
         if include_top:
-            raise ConfigError(
-                f"{path} does not hold {arch.name} weights with the classifier ({full_exc}); "
-                "use --task features for a no-top weights file"
-            ) from full_exc
+            raise _weights_error(path, arch, include_top, full_exc) from full_exc
         notop = _build(arch, False, hw, None)
         try:
             notop.load_weights(str(path))
         except Exception as exc:
-            raise ConfigError(f"{path} holds neither full nor no-top {arch.name} weights: {exc}") from exc
+            raise _weights_error(path, arch, include_top, exc) from exc
         return notop, fingerprint
     if include_top:
         return full, fingerprint
@@ -190,6 +206,7 @@ class _Graph:
     preprocess: Any
     labels: list[str] | None
     softmax: bool  # apply softmax to the classifier output (it ends in logits)
+    preprocess_name: str = "none"
 
 
 def _registry_graph(spec: ModelSpec) -> _Graph:
@@ -210,7 +227,7 @@ def _registry_graph(spec: ModelSpec) -> _Graph:
         targets = [model.layers[last_base].output]
     labels = read_labels(spec.labels) if spec.labels else None
     return _Graph(model, arch.name, fingerprint, hw, targets, preprocess_function(spec.preprocess, arch.name),
-                  labels, softmax=False)
+                  labels, softmax=False, preprocess_name=preprocess_family(spec.preprocess, arch.name))
 
 
 def _custom_graph(spec: ModelSpec) -> _Graph:
@@ -219,11 +236,12 @@ def _custom_graph(spec: ModelSpec) -> _Graph:
     if spec.layers:
         if loaded.savedmodel:
             raise ConfigError("--layer needs a .keras or .h5 model (a SavedModel exposes only its outputs)")
-        names = [layer.name for layer in model.layers]
-        missing = [layer for layer in spec.layers if layer not in names]
+        names = {layer.name.lower(): layer.name for layer in model.layers}
+        missing = [layer for layer in spec.layers if layer.lower() not in names]
         if missing:
-            raise ConfigError(f"{spec.model_path} has no layer {missing[0]!r}. Valid layers: {', '.join(names)}")
-        targets = [model.get_layer(layer).output for layer in spec.layers]
+            valid = ", ".join(names.values())
+            raise ConfigError(f"{spec.model_path} has no layer {missing[0]!r}. Valid layers: {valid}")
+        targets = [model.get_layer(names[layer.lower()]).output for layer in spec.layers]
     elif loaded.savedmodel or len(model.layers) < 3:
         targets = [model.output]
     else:
@@ -232,9 +250,11 @@ def _custom_graph(spec: ModelSpec) -> _Graph:
     labels = read_labels(labels_file) if labels_file else loaded.sidecar.get("labels")
     activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
     softmax = not loaded.savedmodel and activation not in ("softmax", "sigmoid")
-    preprocess = preprocess_function(spec.preprocess or loaded.sidecar.get("preprocess"), None)
+    chosen = spec.preprocess or loaded.sidecar.get("preprocess")
+    preprocess = preprocess_function(chosen, None)
     name = f"custom:{os.path.basename(str(spec.model_path).rstrip('/'))}"
-    return _Graph(model, name, loaded.fingerprint, loaded.input_hw, targets, preprocess, labels, softmax)
+    return _Graph(model, name, loaded.fingerprint, loaded.input_hw, targets, preprocess, labels, softmax,
+                  preprocess_family(chosen))
 
 
 def _feature_size(shape: Any, pooling: str) -> tuple[int, list[int]]:
@@ -290,7 +310,7 @@ def build_predictor(spec: ModelSpec) -> Predictor:
     fn = tf.function(head, input_signature=signature, reduce_retracing=True)
     log.info("built %s (%s, %s) at %dx%d", graph.name, spec.task, graph.fingerprint, *graph.hw)
     return Predictor(spec, graph.name, graph.hw, feature_columns, feature_shapes, labels, graph.fingerprint, fn,
-                     graph.preprocess)
+                     graph.preprocess, graph.preprocess_name, k)
 
 
 class PredictorCache:

@@ -19,6 +19,17 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def preprocess_family(name: str | None, default_arch: str | None = None) -> str:
+    """What ``preprocess_function(name, default_arch)`` does, as the family name (caffe, tf, torch or
+    none) for the output's metadata: an architecture's ``preprocess_input`` is its family's."""
+    name = name or default_arch
+    if name is None or name.lower() == "none":
+        return "none"
+    if name.lower() in PREPROCESS_FAMILIES:
+        return name.lower()
+    return get_architecture(name).preprocess
+
+
 def preprocess_function(name: str | None, default_arch: str | None = None) -> Preprocess:
     """``name`` is a family (caffe, tf, torch, none) or an architecture name; ``None`` means
     ``default_arch``'s own, or no preprocessing when there is no architecture (your own model)."""

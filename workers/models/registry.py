@@ -163,21 +163,29 @@ def model_info(arch: Architecture) -> dict[str, Any]:
             "notop_is_prefix": isinstance(entry["notop"], int)}
 
 
+def layer_name(arch: Architecture, layer: str) -> str:
+    """The layer's real name, matched case-insensitively (``BLOCK4C_ADD`` is ``block4c_add``); an unknown
+    name is a ``ConfigError`` with the closest names."""
+    full = layer_names(arch, include_top=True)
+    if layer in full:
+        return layer
+    by_lower = {name.lower(): name for name in full}
+    if layer.lower() in by_lower:
+        return by_lower[layer.lower()]
+    close = [by_lower[c] for c in difflib.get_close_matches(layer.lower(), list(by_lower), n=3, cutoff=0.6)]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    listing = f"Valid layers: {', '.join(full)}" if len(full) <= 40 else f"{len(full)} layers"
+    raise ConfigError(f"{arch.name} has no layer {layer!r}.{hint} {listing} (see: batchinfer layers {arch.name} --top)")
+
+
 def resolve_layer(arch: Architecture, layer: str) -> tuple[int, bool]:
     """Map a layer name to (index, needs_top) so the worker can find it by position.
 
     Keras numbers auto-named layers with a process-wide counter, so the same layer gets a
     different name in a worker that built another model first; the index is stable.
     """
+    layer = layer_name(arch, layer)
     notop = layer_names(arch, include_top=False)
     if layer in notop:
         return notop.index(layer), False
-    full = layer_names(arch, include_top=True)
-    if layer in full:
-        return full.index(layer), True
-    close = difflib.get_close_matches(layer, full, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ConfigError(
-        f"{arch.name} has no layer {layer!r}.{hint} Valid layers: {', '.join(full)} "
-        f"(see: batchinfer layers {arch.name} --top)"
-    )
+    return layer_names(arch, include_top=True).index(layer), True

@@ -22,6 +22,11 @@ class Sink:
         """Discard uncommitted rows; the shard's previous output (if any) stays as it was."""
 
     @classmethod
+    def check(cls, output: Any) -> None:
+        """``ConfigError`` if this sink cannot write to ``output`` (an ``OutputSpec``). Asked by the
+        producer before a job starts and by each worker at the start of a shard, before the model."""
+
+    @classmethod
     def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
         """``{"images", "errors"}`` of this job's rows for ``task``'s shard if they are committed, else None.
 

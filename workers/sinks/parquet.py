@@ -22,7 +22,7 @@ from workers.contract import shard_name
 from workers.errors import ConfigError
 from workers.schema import METADATA_KEY
 from workers.sinks.base import Sink
-from workers.storage import storage_for
+from workers.storage import check_writable, storage_for
 from workers.storage.local import to_path as storage_path
 
 ROW_GROUP_ROWS = 65_536
@@ -74,6 +74,11 @@ class ParquetSink(Sink):
             self._writer.close()
         self._file.discard()
 
+    @classmethod
+    def check(cls, output: Any) -> None:
+        if not output.path:
+            raise ConfigError("the parquet sink needs an output folder (--output DIR)")
+        check_writable(output.path, folder=True)
 
     @classmethod
     def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
@@ -97,7 +102,6 @@ class ParquetSink(Sink):
                 return None
             nulls += stats.null_count
         return {"images": meta.num_rows, "errors": meta.num_rows - nulls}
-
 
     @classmethod
     def on_job_complete(cls, job: Any) -> None:

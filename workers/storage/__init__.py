@@ -1,7 +1,8 @@
 """Storage backends behind one tiny interface, chosen by URI scheme.
 
 A backend has ``read(uri) -> bytes``, ``open_read(uri)`` (a binary stream), ``list(prefix) ->
-Iterator[str]``, ``exists(uri)`` and ``open_atomic(uri)``: an object with a local ``path`` to write,
+Iterator[str]``, ``exists(uri)``, ``check_writable(uri, folder)`` (``ConfigError`` unless an output can be
+written there: checked before any work) and ``open_atomic(uri)``: an object with a local ``path`` to write,
 ``commit()`` (the file appears at ``uri`` whole) and ``discard()``; it is also a context manager that
 commits on success. Backends raise ``FileNotFoundError`` / ``PermissionError`` for one object and
 ``workers.errors.ShardError`` when the store itself fails (so callers never branch on the scheme).
@@ -35,3 +36,8 @@ def _backend(scheme: str) -> Any:
 def storage_for(uri: str) -> Any:
     """The storage backend that handles ``uri`` (one shared instance per scheme and process)."""
     return _backend(scheme_of(uri))
+
+
+def check_writable(uri: str, folder: bool = False) -> None:
+    """``ConfigError`` unless ``uri`` can be written as an output file (or, with ``folder``, a folder)."""
+    storage_for(uri).check_writable(uri, folder)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from workers.errors import ConfigError
 from workers.storage.base import FileInfo, PendingFile, StreamedFile
 
 
@@ -80,6 +82,30 @@ class LocalStorage:
                 os.unlink(stale)
                 removed += 1
         return removed
+
+    def check_writable(self, uri: str, folder: bool) -> None:
+        """``ConfigError`` unless ``uri`` can be written as a folder (``folder``) or as a file.
+
+        A folder that does not exist yet counts as its nearest existing parent, which must be a folder
+        this process can create files in: a file created and removed there proves it (``os.access``
+        cannot see read-only mounts, and root passes it anyway).
+        """
+        path = os.path.abspath(to_path(uri))
+        if not folder:
+            if os.path.isdir(path):
+                raise ConfigError(f"{uri} is a folder: name a file in it, e.g. {os.path.join(uri, 'results.parquet')}")
+            path = os.path.dirname(path)
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"cannot write to {uri}: {existing} is a file, not a folder")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".batchinfer-write-check-", dir=existing)
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {uri}: {existing} is not writable ({exc.strerror})") from exc
+        os.close(fd)
+        os.unlink(probe)
 
     def open_stream(self, uri: str) -> StreamedFile:
         """A binary file to write ``uri`` through (temporary name, renamed on success)."""

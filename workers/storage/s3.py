@@ -324,6 +324,28 @@ class S3Storage:
             raise _convert(exc, uri, "check") from exc
         return True
 
+    def check_writable(self, uri: str, folder: bool) -> None:
+        """A cheap permission probe: start a multipart upload next to ``uri`` and abort it (nothing is
+        written, nothing is left). ``ConfigError`` for a missing bucket or denied access, ``ShardError``
+        when the endpoint cannot be reached."""
+        import uuid
+
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_uri(uri)
+        base = key.rstrip("/") if folder else key.rpartition("/")[0]
+        probe = f"{base}/.batchinfer-write-check-{uuid.uuid4().hex}".lstrip("/")
+        try:
+            upload = self.client.create_multipart_upload(Bucket=bucket, Key=probe)
+            self.client.abort_multipart_upload(Bucket=bucket, Key=probe, UploadId=upload["UploadId"])
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _DENIED:
+                raise ConfigError(f"cannot write to {uri}: access denied ({code})") from exc
+            raise _convert(exc, uri, "write to", per_object=False) from exc
+        except BotoCoreError as exc:
+            raise _convert(exc, uri, "write to", per_object=False) from exc
+
     def open_stream(self, uri: str) -> MultipartUpload:
         """A binary file whose bytes go up in parts as they fill (multipart upload); the object appears
         only when it completes, and an error aborts the upload. Nothing is staged on local disk."""
