@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from tests.s3_server import s3_endpoint  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"
 BIN = Path(sys.executable).parent
+ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect))?: error: ")  # argparse names the subcommand
+NOBODY = 65534  # the unprivileged user a test runs a command as, when the tests run as root
 
 
 def free_port() -> int:
@@ -251,3 +255,62 @@ def submit_probe(folder: Path, probe: Path, broker: str, *extra: str, shard_size
                      "--shard-size", str(shard_size), "--output", str(folder.parent / "out"), *extra, broker=broker,
                      env=env)
     return sub.stdout.strip().splitlines()[-1]
+
+
+# --- the command line as a user types it, proving no model is loaded ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def no_tf_path() -> Iterator[str]:
+    """A folder of ``tensorflow`` and ``keras`` stubs that fail when imported, first on the path of a command
+    that must not load a model. World-readable, so a command run as ``nobody`` sees it too."""
+    stubs = Path(tempfile.mkdtemp(prefix="batchinfer-no-tf-"))
+    stubs.chmod(0o755)
+    for name in ("tensorflow", "keras"):
+        (stubs / name).mkdir(mode=0o755)
+        (stubs / name / "__init__.py").write_text(
+            f"raise ImportError('{name} must not be imported by this command')\n", encoding="utf-8")
+    yield str(stubs)
+    shutil.rmtree(stubs, ignore_errors=True)
+
+
+def _env(extra_path: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINFER_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def unprivileged() -> list[str]:
+    """The prefix that runs a command as ``nobody`` when the tests run as root (root writes anywhere)."""
+    if os.geteuid() != 0:
+        return []
+    return [shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def cli(no_tf_path):
+    """``cli(*args, env=..., unprivileged=False)``: ``python -m producer.cli`` with the stubs first on its path."""
+    def run(*args: str, timeout: float = 30, env: dict[str, str] | None = None,
+            as_nobody: bool = False) -> subprocess.CompletedProcess:
+        started = time.monotonic()
+        prefix = unprivileged() if as_nobody else []
+        result = subprocess.run([*prefix, sys.executable, "-m", "producer.cli", *args], cwd=ROOT,
+                                env={**_env(no_tf_path), **(env or {})}, capture_output=True, text=True,
+                                timeout=timeout)
+        result.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
+        return result
+
+    return run
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A failed command that said why in exactly one ``batchinfer: error:`` line, with no traceback."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert ERROR_LINE.match(line), line
+    for needle in needles:
+        assert needle in line, line
+    return line

@@ -7,30 +7,18 @@ failed test instead of a slow one.
 
 from __future__ import annotations
 
-import os
-import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import _env, assert_one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = str(ROOT / "tests" / "data" / "photos")
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect))?: error: ")  # argparse names the subcommand
-
-
-@pytest.fixture(scope="module")
-def no_tf_path(tmp_path_factory) -> str:
-    stubs = tmp_path_factory.mktemp("no_tf")
-    for name in ("tensorflow", "keras"):
-        (stubs / name).mkdir()
-        (stubs / name / "__init__.py").write_text(
-            f"raise ImportError('{name} must not be imported by this command')\n", encoding="utf-8")
-    return str(stubs)
 
 
 @pytest.fixture(scope="module")
@@ -39,36 +27,6 @@ def dead_port():
         s.settimeout(1)
         if s.connect_ex(("127.0.0.1", 1)) == 0:
             pytest.skip("something listens on 127.0.0.1:1")
-
-
-def _env(extra_path: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINFER_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
-    return env
-
-
-@pytest.fixture
-def cli(no_tf_path):
-    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=_env(no_tf_path),
-                                capture_output=True, text=True, timeout=timeout)
-        result.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
-        return result
-
-    return run
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
-    assert ERROR_LINE.match(line), line
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 # --- help and imports --------------------------------------------------------------------------------

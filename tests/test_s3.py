@@ -469,3 +469,26 @@ def test_collect_streams_to_s3_in_parts_without_local_staging(s3, monkeypatch):
     write_tables(iter(tables[:1]), "s3://streamed/small.csv", "csv")  # text, under one part: a single PUT
     text = client.get_object(Bucket="streamed", Key="small.csv")["Body"].read().decode()
     assert text.splitlines()[0] == "uri,features" and len(text.splitlines()) == 1001
+
+
+def test_an_output_on_s3_is_probed_before_any_work(s3, tmp_path):
+    """A missing bucket is one line before the model or an image; a writable one is probed with a multipart
+    upload that is aborted, so nothing is left behind."""
+    for command in (["run", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/r.parquet"],
+                    ["submit", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/", "--broker",
+                     "redis://127.0.0.1:1/0"],
+                    ["collect", "job", "--output", "s3://no-such-bucket/r.csv", "--broker", "redis://127.0.0.1:1/0"]):
+        started = time.monotonic()
+        proc = batchinfer(*command, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"batchinfer: error: cannot write to {command[command.index('--output') + 1]}: bucket 'no-such-bucket' "
+            "does not exist (NoSuchBucket)"], proc.stderr
+        assert time.monotonic() - started < 30, "no model is built first"
+
+    client = s3.client()
+    client.create_bucket(Bucket="writable")
+    storage_for("s3://writable/").check_writable("s3://writable/nightly/", folder=True)
+    storage_for("s3://writable/").check_writable("s3://writable/all.parquet", folder=False)
+    assert _keys(client, "writable") == []
+    assert not client.list_multipart_uploads(Bucket="writable").get("Uploads"), "the probe's upload is aborted"

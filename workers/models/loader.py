@@ -172,6 +172,11 @@ def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"weights file not found: {weights}")
+    from workers.models.weights_file import mismatch
+
+    said = mismatch(str(path), arch.name, include_top)  # another architecture's file: say so, before Keras tries
+    if said:
+        raise ConfigError(said)
     fingerprint = file_fingerprint(str(path))
     full = _build(arch, True, hw if include_top else (arch.default_size, arch.default_size), None)
     try:
@@ -183,7 +188,9 @@ def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include
             raise _weights_error(path, arch, include_top, full_exc) from full_exc
         notop = _build(arch, False, hw, None)
         try:
-            notop.load_weights(str(path))
+            with warnings.catch_warnings():  # one warning per layer it skips before it raises
+                warnings.simplefilter("ignore", UserWarning)
+                notop.load_weights(str(path))
         except Exception as exc:
             raise _weights_error(path, arch, include_top, exc) from exc
         return notop, fingerprint
