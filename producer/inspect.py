@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from workers.models.registry import ARCHITECTURES, get_architecture, layer_table, model_info
 
@@ -18,7 +19,7 @@ def _shape(shape: tuple) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: set[int]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]

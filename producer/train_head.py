@@ -62,12 +62,13 @@ def train_head(features: str, output: str, labels_from: str = "folder", head: st
         raise ConfigError("--holdout must be in [0, 1)")
     uris, x, meta = read_features(features)
     labels = load_labels(uris, labels_from)
-    keep = [i for i, label in enumerate(labels) if label]
-    classes = sorted({labels[i] for i in keep})
+    named = {i: label for i, label in enumerate(labels) if label}
+    keep = list(named)
+    classes = sorted(set(named.values()))
     if len(classes) < 2:
         raise ConfigError(f"need at least two classes, found {classes or 'none'}")
     x = x[keep]
-    y = np.array([classes.index(labels[i]) for i in keep])
+    y = np.array([classes.index(named[i]) for i in keep])
     order = np.random.default_rng(seed).permutation(len(y))
     n_hold = int(round(len(y) * holdout))
     hold, train = order[:n_hold], order[n_hold:]

@@ -67,7 +67,8 @@ def main() -> None:
     model_ips = n_batches * args.batch_size / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory() as tmp:
-        uris = make_jpegs(Path(tmp) / "in", args.images) if (Path(tmp) / "in").mkdir() is None else []
+        (Path(tmp) / "in").mkdir()
+        uris = make_jpegs(Path(tmp) / "in", args.images)
         task = ShardTask("bench", 0, uris, spec, OutputSpec(path=str(Path(tmp) / "out")))
         process_shard(task, predictor)  # warm the file cache
         result = process_shard(task, predictor)

@@ -84,10 +84,10 @@ def measure_status(client: redis.Redis, url: str, shards: int) -> dict:
     polls = []
     for _ in range(5):
         sent = client.info("stats")["total_net_output_bytes"]
-        start = time.perf_counter()
+        began = time.perf_counter()
         job = store.get_job("big")
         store.live_workers("batchinfer", 30)
-        polls.append((time.perf_counter() - start, client.info("stats")["total_net_output_bytes"] - sent))
+        polls.append((time.perf_counter() - began, client.info("stats")["total_net_output_bytes"] - sent))
         assert job is not None
     cli_seconds, _ = cli("status", "big", url=url)
     return {"shards": shards, "poll_ms": round(1000 * min(p[0] for p in polls), 2),

@@ -142,7 +142,7 @@ class RedisJobStore:
             self.client.zadd(keys.delayed(), {keys.member(job_id, s): now for s in shard_ids})
 
     def active_jobs(self) -> list[str]:
-        return sorted(_s(j) for j in self.client.smembers(keys.active()))  # type: ignore[type-var]
+        return sorted(str(_s(j)) for j in self.client.smembers(keys.active()))
 
     def pending_shards(self, job_id: str) -> list[int]:
         """Shards neither running nor finished (a scan of the job's shard records: recovery only)."""

@@ -24,7 +24,7 @@ import errno
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from workers.errors import ConfigError, ShardError
@@ -51,8 +51,8 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def endpoint_url(env: dict[str, str] | None = None) -> str | None:
     """The custom endpoint in force, if any (ours first, then the variables boto3 reads itself)."""
-    env = os.environ if env is None else env  # type: ignore[assignment]
-    return env.get(ENDPOINT_ENV) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    values: Mapping[str, str] = os.environ if env is None else env
+    return values.get(ENDPOINT_ENV) or values.get("AWS_ENDPOINT_URL_S3") or values.get("AWS_ENDPOINT_URL") or None
 
 
 def make_client() -> Any:
