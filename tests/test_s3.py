@@ -359,6 +359,7 @@ def test_a_missing_bucket_fails_the_shard_not_every_image(s3, s3_worker, redis_u
                      broker=redis_url, check=False)
     assert col.returncode == 1 and time.monotonic() - started < 120
     assert "shard-000000: failed" in col.stderr and "bucket 'no-such-bucket' does not exist" in col.stderr
+    assert f"batchinfer retry {job_id}" in col.stderr and "--wait" not in col.stderr, "the advice that can help"
     status = batchinfer("status", job_id, broker=redis_url, check=False).stdout
     assert "1 failed" in status and "0 error rows" in status and "no-such-bucket" in status
     assert not list((tmp_path / "out").glob("*.parquet")), "no rows were written"
