@@ -1,8 +1,9 @@
 """Sources: folders scanned recursively, ``s3://`` prefixes and manifest files, streamed as image URIs.
 
 Nothing here builds a list of all URIs: folders are walked lazily, object stores are listed one page
-(1000 keys) at a time while the shards are being enqueued, and manifests (local or on S3) are read
-line by line or batch by batch.
+(1000 keys) at a time while the shards are being enqueued, and manifests (local, on S3 or at an
+http(s) URL) are read line by line or batch by batch. A web server cannot be listed: an http(s)
+source is an image URL or a manifest of URLs.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
 
 from workers.errors import ConfigError, ShardError, SourceError
 from workers.storage import BACKENDS, scheme_of, storage_for
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+WEB_SCHEMES = ("http", "https")
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,30 @@ def is_remote(source: str) -> bool:
     return scheme_of(source) != "file"
 
 
+def is_web(source: str) -> bool:
+    """An ``http://`` or ``https://`` URL."""
+    return scheme_of(source) in WEB_SCHEMES
+
+
+def _web_path(uri: str) -> str:
+    """The path of a URL, without its query (a pre-signed ``list.txt?X-Amz-Signature=…`` is a .txt)."""
+    try:
+        return urlsplit(uri).path
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise SourceError(f"{uri}: not a valid URL ({exc})") from None
+
+
 def remote_kind(uri: str) -> str:
     """``image``, ``manifest`` or ``prefix`` (a folder), from the key's name alone: listing decides the rest.
 
-    ``s3://bucket``, ``s3://bucket/photos/`` and ``s3://bucket/photos`` are all prefixes (folders).
+    ``s3://bucket``, ``s3://bucket/photos/`` and ``s3://bucket/photos`` are all prefixes (folders). An
+    http(s) URL that is neither an image nor a manifest is a ``page``: a web server cannot be listed.
     """
+    if is_web(uri):
+        path = _web_path(uri)
+        if is_image_name(path):
+            return "image"
+        return "manifest" if path.lower().endswith(MANIFEST_EXTENSIONS) else "page"
     key = uri.split("://", 1)[1].partition("/")[2]
     if not key or key.endswith("/"):
         return "prefix"
@@ -161,15 +183,19 @@ def _seekable(path: str) -> Any:
 
 
 def _manifest_entries(path: str) -> Iterator[str]:
-    remote = is_remote(path)
+    remote, web = is_remote(path), is_web(path)
     base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
 
     def absolute(uri: str) -> str:
-        if "://" in uri or os.path.isabs(uri):
+        if "://" in uri:
+            return uri
+        if web:  # as a browser resolves a link: "a.jpg" next to the manifest, "/a.jpg" on its host
+            return urljoin(path, uri)
+        if os.path.isabs(uri):
             return uri
         return f"{base}/{uri}" if remote else os.path.join(base, uri)
 
-    lower = path.lower()
+    lower = (_web_path(path) if web else path).lower()
     if lower.endswith(".txt"):
         with _text(path) as fh:
             for line in fh:
@@ -203,8 +229,8 @@ def _manifest_entries(path: str) -> Iterator[str]:
 def check_sources(sources: Iterable[str]) -> None:
     """Fail before anything is enqueued if a source is missing or of an unknown kind.
 
-    Object-store sources are only checked for form here: their first listing page (or the manifest's
-    first line) is read before the job is created, and a missing bucket fails there.
+    Object-store and http(s) sources are only checked for form here: their first listing page (or the
+    manifest's first line) is read before the job is created, and a missing bucket or URL fails there.
     """
     for source in sources:
         if is_remote(source):
@@ -212,6 +238,13 @@ def check_sources(sources: Iterable[str]) -> None:
             if scheme not in BACKENDS:
                 known = ", ".join(f"{s}://" for s in BACKENDS if s != "file")
                 raise SourceError(f"{source}: {scheme}:// sources are not supported (paths, file:// and {known})")
+            if is_web(source):
+                kind = remote_kind(source)
+                if not urlsplit(source).hostname:
+                    raise SourceError(f"{source}: no host name ({scheme}://HOST/PATH)")
+                if kind == "page":
+                    raise SourceError(_not_listable(source))
+                continue
             if not source.split("://", 1)[1].split("/", 1)[0]:
                 raise SourceError(f"{source}: no bucket name ({scheme}://BUCKET/PREFIX)")
             continue
@@ -222,11 +255,18 @@ def check_sources(sources: Iterable[str]) -> None:
             raise SourceError(f"{source}: not a folder, image or manifest (.txt, .csv, .parquet)")
 
 
+def _not_listable(source: str) -> str:
+    return (f"{source}: an http(s) source must be an image URL or a manifest of URLs (.txt, .csv, .parquet); "
+            "a web server cannot be listed like a folder")
+
+
 def iter_uris(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[str]:
     """Every image URI of every source, in order, lazily."""
     for source in sources:
         if is_remote(source):
             kind = remote_kind(source)
+            if kind == "page":
+                raise SourceError(_not_listable(source))
             if kind == "prefix":
                 yield from walk_prefix(source, filters)
                 continue

@@ -34,10 +34,23 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _positive(env: dict[str, str], name: str, default: int) -> int:
+def _positive(env: dict[str, str], name: str, default: int, least: int = 1) -> int:
     value = _int(env, name, default)
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}")
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, got {value}")
+    return value
+
+
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -50,6 +63,11 @@ class Settings:
     gets ``max_attempts`` deliveries; a failed attempt is retried after ``retry_backoff`` x 4^(n-1)
     seconds (at most ``retry_backoff_max``, +-25 % jitter); an attempt running past ``shard_time_limit``
     seconds is failed like a crash; a finished job's state is kept ``retention`` seconds.
+
+    The http(s) settings (``workers.storage.http``): ``http_timeout`` seconds to connect and between bytes
+    received (also the longest wait between retries), ``http_retries`` retries of a request that failed
+    to connect, timed out or got 429/5xx, at most ``http_max_redirects`` redirects, and responses larger
+    than ``http_max_bytes`` are refused.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -67,6 +85,10 @@ class Settings:
     shard_time_limit: int = 3600
     retention: int = 7 * 24 * 3600
     spool: str | None = None
+    http_timeout: float = 10.0
+    http_retries: int = 3
+    http_max_redirects: int = 5
+    http_max_bytes: int = 50 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -89,6 +111,10 @@ class Settings:
             shard_time_limit=_positive(env, "BATCHINFER_SHARD_TIME_LIMIT", 3600),
             retention=_positive(env, "BATCHINFER_RETENTION", 7 * 24 * 3600),
             spool=env.get("BATCHINFER_SPOOL") or None,
+            http_timeout=_seconds(env, "BATCHINFER_HTTP_TIMEOUT", 10.0),
+            http_retries=_positive(env, "BATCHINFER_HTTP_RETRIES", 3, least=0),
+            http_max_redirects=_positive(env, "BATCHINFER_HTTP_MAX_REDIRECTS", 5, least=0),
+            http_max_bytes=_positive(env, "BATCHINFER_HTTP_MAX_BYTES", 50 << 20),
         ).checked()
 
     def checked(self) -> Settings:

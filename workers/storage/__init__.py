@@ -5,7 +5,8 @@ Iterator[str]``, ``exists(uri)``, ``check_writable(uri, folder)`` (``ConfigError
 written there: checked before any work) and ``open_atomic(uri)``: an object with a local ``path`` to write,
 ``commit()`` (the file appears at ``uri`` whole) and ``discard()``; it is also a context manager that
 commits on success. Backends raise ``FileNotFoundError`` / ``PermissionError`` for one object and
-``workers.errors.ShardError`` when the store itself fails (so callers never branch on the scheme).
+``workers.errors.ShardError`` when the store itself fails (so callers never branch on the scheme);
+a read-only store (http) raises ``ConfigError`` from the writing methods.
 Schemes map to lazily imported ``"module:Class"`` strings, as kombu's transport aliases do, so a
 backend's heavy dependencies load only when it is used.
 """
@@ -20,6 +21,8 @@ from workers.plugins import load
 BACKENDS = {
     "file": "workers.storage.local:LocalStorage",
     "s3": "workers.storage.s3:S3Storage",
+    "http": "workers.storage.http:HttpStorage",
+    "https": "workers.storage.http:HttpStorage",
 }
 
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class FileInfo:
     """What identifies a version of a file: size, modification time (µs since the epoch, UTC) and, on
-    object stores, the ETag. An incremental run reuses a row when all of them are unchanged."""
+    object stores and web servers, the ETag. An incremental run reuses a row when all of them are
+    unchanged; ``modified`` is None when the store does not say (a web server without Last-Modified),
+    and such a row is never reused."""
 
     size: int
-    modified: int
+    modified: int | None
     etag: str | None = None
 
 
