@@ -8,6 +8,7 @@ Content-Length, ETag and Last-Modified, keep-alive) and a route for each case a 
     /redirect           302 to /photos/cat.jpg       /loop           302 to itself, forever
     /to-file            302 to file:///etc/passwd    /page.html      an HTML page (200, text/html)
     /big                1,000,000 bytes, Content-Length given; /big-chunked the same, chunked
+    /trickle            60 bytes, one every 0.25 s (never idle for a timeout, but 15 s in all)
     /flaky/NAME         503 the first time NAME is asked, then /photos/cat.jpg
     /throttled/NAME     429 "Retry-After: 3600" the first time NAME is asked, then /photos/cat.jpg
     /down/NAME          503, always
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 1_000_000
 SLOW_SECONDS = 3
+TRICKLE_BYTES = 60  # one byte every 0.25 s: 15 s, each read well within the timeout
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -74,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send(200, b"\0" * BIG, "image/jpeg", head)
         elif path == "/big-chunked":
             self.chunked(b"\0" * BIG, head)
+        elif path == "/trickle":
+            self.chunked(b"\0" * TRICKLE_BYTES, head, pause=0.25, size=1)
         elif path.startswith("/flaky/") and first:
             self.send(503, b"busy", "text/plain", head)
         elif path.startswith("/throttled/") and first:
@@ -112,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (timeout, size limit): nothing to do
             self.close_connection = True
 
-    def chunked(self, body: bytes, head: bool) -> None:
+    def chunked(self, body: bytes, head: bool, pause: float = 0.0, size: int = 1 << 14) -> None:
         try:
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -120,9 +124,12 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if head:
                 return
-            for i in range(0, len(body), 1 << 14):
-                part = body[i:i + (1 << 14)]
+            for i in range(0, len(body), size):
+                part = body[i:i + size]
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                if pause:
+                    self.wfile.flush()
+                    time.sleep(pause)
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True

@@ -55,6 +55,7 @@ def cases(tag: str) -> dict[str, str | None]:
         "to-file": "cannot read: unsupported url scheme file:// (only http and https)",
         "big": "cannot read: response larger than 400000 bytes",
         "big-chunked": "cannot read: response larger than 400000 bytes",
+        "trickle": "cannot read: download took longer than 6 x 1s",
         "page.html": "not an image",
         f"down/{tag}": "cannot read: http 503 service unavailable (after 2 retries)",
     }
@@ -163,7 +164,7 @@ def test_every_failure_is_that_images_row_with_a_clear_reason(web, http_env):
         else:
             assert got.error is not None and error in got.error.lower(), f"{name}: {got.error!r}"
     assert loaded["slow"].error == "cannot read: timed out after 1s"
-    assert time.monotonic() - started < 15, "3 tries of 1 s, waits capped at 1 s"
+    assert time.monotonic() - started < 15, "3 tries of 1 s, waits capped at 1 s; a trickle cut off after 6 s"
 
     dead = f"http://127.0.0.1:{free_port()}/cat.jpg"  # nothing listens there
     assert _load(dead, DECODERS["fast"], (64, 64)).error == "cannot read: cannot connect: Connection refused"

@@ -7,7 +7,8 @@
   out or break, and 429/500/502/503/504 answers, with exponential backoff (the first retry at once, then
   1 s, 2 s, ...) or the server's ``Retry-After``; every wait is capped at ``BATCHINFER_HTTP_TIMEOUT`` so a
   throttling host cannot hold a shard past its time limit. TLS errors are not retried.
-- **Limits**: ``BATCHINFER_HTTP_TIMEOUT`` seconds (default 10) to connect and between bytes received; at
+- **Limits**: ``BATCHINFER_HTTP_TIMEOUT`` seconds (default 10) to connect and between bytes received,
+  and six times that for a whole body (a server trickling a byte at a time is cut off too); at
   most ``BATCHINFER_HTTP_MAX_REDIRECTS`` redirects (default 5), to http(s) URLs only; an image larger
   than ``BATCHINFER_HTTP_MAX_BYTES`` (default 50 MiB) is refused from its Content-Length, or cut off
   as soon as it grows past the limit (manifests are streamed and have no limit).
@@ -33,6 +34,7 @@ import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -70,6 +72,7 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BACKOFF_FACTOR = 0.5  # urllib3 waits 0, 2 x 0.5, 4 x 0.5, ... seconds before successive retries
 HEADERS = {"User-Agent": f"batchinfer/{__version__}", "Accept-Encoding": "identity"}
 _CHUNK = 1 << 16
+DOWNLOAD_TIMEOUTS = 6  # a whole body may take this many BATCHINFER_HTTP_TIMEOUTs (the timeout is per read)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -309,10 +312,14 @@ class HttpStorage:
                 raise too_large
             chunks: list[bytes] = []
             size = 0
+            deadline = time.monotonic() + DOWNLOAD_TIMEOUTS * self.settings.http_timeout
             for chunk in response.stream(_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise too_large
+                if time.monotonic() > deadline:  # a trickle that never trips the per-read timeout
+                    raise OSError(errno.ETIMEDOUT, f"download took longer than {DOWNLOAD_TIMEOUTS} x "
+                                  f"{self.settings.http_timeout:g}s", uri)
                 chunks.append(chunk)
             whole = True
         except HTTPError as exc:
@@ -355,6 +362,9 @@ class HttpStorage:
         raise ConfigError(f"{uri}: http(s) URLs are read-only; write outputs to a folder or s3://")
 
     def open_atomic(self, uri: str) -> NoReturn:
+        self._read_only(uri)
+
+    def check_writable(self, uri: str, folder: bool) -> NoReturn:
         self._read_only(uri)
 
     def open_stream(self, uri: str) -> NoReturn:
