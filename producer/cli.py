@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from producer.config import add_model_options, model_spec_from_args
+from producer.keep import parse_names
 from producer.sources import Filters
 from producer.words import plural
 from workers import __version__
@@ -46,6 +47,9 @@ def _source_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching GLOB")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching GLOB")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard/task (default 256)")
+    p.add_argument("--keep-columns", metavar="COL,COL",
+                   help="copy these columns of the CSV/Parquet manifests into every output row (join keys of your "
+                   "own); every source must be such a manifest with those columns")
 
 
 def _s3_option(p: argparse.ArgumentParser) -> None:
@@ -194,9 +198,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = model_spec_from_args(args)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     fmt = format_for(args.output, args.format)
+    keep = parse_names(args.keep_columns) if args.keep_columns is not None else ()
     check_writable(args.output)  # before the model is built or an image read
     _, rows = run(args.sources, spec, args.output, fmt=fmt, filters=filters, shard_size=args.shard_size,
-                  progress=not args.quiet, skip_unchanged=args.skip_unchanged)
+                  progress=not args.quiet, skip_unchanged=args.skip_unchanged, keep_columns=keep)
     if not args.quiet:
         print(results_table(args.output, fmt))
     print(f"wrote {plural(rows, 'row')} to {args.output}", file=sys.stderr)
@@ -209,13 +214,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from workers.sinks import sink_class
 
     if args.resume:
-        if args.sources or args.job_id or args.skip_unchanged or args.output or args.ttl is not None:
-            raise ConfigError("--resume JOB takes no sources, --job-id, --output, --ttl or --skip-unchanged: they "
-                              "come from the job")
+        if (args.sources or args.job_id or args.skip_unchanged or args.output or args.ttl is not None
+                or args.keep_columns is not None):
+            raise ConfigError("--resume JOB takes no sources, --job-id, --output, --ttl, --skip-unchanged or "
+                              "--keep-columns: they come from the job")
         print(resume(args.resume, settings_with_broker(args.broker), progress=not args.quiet))
         return 0
     if not args.sources:
         raise ConfigError("submit needs at least one SOURCE (or --resume JOB)")
+    keep = parse_names(args.keep_columns) if args.keep_columns is not None else ()
     spec = model_spec_from_args(args, files_must_exist=False)
     for path in missing_files(spec):
         print(f"{PROG}: warning: {path} is not on this machine; workers must have it", file=sys.stderr)
@@ -234,7 +241,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     filters = Filters(tuple(args.include), tuple(args.exclude))
     job_id = submit(args.sources, spec, output, settings_with_broker(args.broker), filters=filters,
                     shard_size=args.shard_size, job_id=args.job_id, progress=not args.quiet,
-                    skip_unchanged=args.skip_unchanged)
+                    skip_unchanged=args.skip_unchanged, keep_columns=keep)
     print(job_id)
     return 0
 

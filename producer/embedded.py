@@ -12,37 +12,44 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from tqdm import tqdm
 
 from producer.collect import collect
-from producer.incremental import Previous, split
+from producer.dedupe import duplicates_line
+from producer.incremental import Previous
 from producer.jobs import new_job_id
-from producer.shards import shards
-from producer.sources import Filters, check_sources, iter_entries, iter_uris
+from producer.keep import kept_columns
+from producer.shards import ShardStream
+from producer.sources import Filters, check_sources
 from producer.words import plural
 from workers.contract import ModelSpec, OutputSpec, ShardTask
 from workers.errors import SourceError
 from workers.jobstate import MemoryJobStore
 from workers.settings import Settings
-from workers.spool import FOLDER, shard_ref, write_uris
+from workers.spool import FOLDER, shard_ref, write_shard_list
 
 
 def run(
     sources: list[str], model: ModelSpec, output: str, *, fmt: str | None = None, filters: Filters = Filters(),
     shard_size: int = 256, progress: bool = True, allow_partial: bool = False, skip_unchanged: str | None = None,
+    keep_columns: Sequence[str] = (),
 ) -> tuple[str, int]:
     """Process every image of ``sources`` into ``output``; return (job id, rows written). With
-    ``skip_unchanged`` (a previous output), unchanged images reuse their rows (``producer.incremental``)."""
+    ``skip_unchanged`` (a previous output), unchanged images reuse their rows (``producer.incremental``);
+    ``keep_columns`` are manifest columns copied into every row (``producer.keep``)."""
     check_sources(sources)
+    keep = kept_columns(sources, keep_columns, model)
     previous = Previous(skip_unchanged, model) if skip_unchanged else None
     from workers.attempt import run_shard
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
-    total = sum(1 for _ in iter_uris(sources, filters)) if progress else None  # a listing, for the bar's ETA
+    # a listing first (duplicates dropped as the job will), for the bar's total and ETA
+    total = sum(len(listed.uris) for _, listed in ShardStream(sources, filters, shard_size)) if progress else None
     if total == 0:
         raise SourceError(f"no images found in {' '.join(sources)}")
     cache = PredictorCache(maxsize=1)
@@ -50,30 +57,30 @@ def run(
     store = MemoryJobStore()
     job_id = new_job_id()
     workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
-    out_spec = OutputSpec(sink="parquet", path=workdir)
+    out_spec = OutputSpec(sink="parquet", path=workdir, keep_columns=keep)
     store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
     bar = tqdm(desc="run", total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     n_shards = count = reused = 0
-    entries = iter_entries(sources, filters) if previous else iter_uris(sources, filters)
-    stream = split(entries, previous, shard_size) if previous else (
-        (i, chunk, None) for i, chunk in shards(entries, shard_size))
+    stream = ShardStream(sources, filters, shard_size, keep, previous)
     try:
-        for shard_id, chunk, carry in stream:
-            store.add_shard(job_id, shard_id, chunk)
-            task = ShardTask(job_id, shard_id, chunk, model, out_spec)
-            if carry is not None:  # the worker reads a carry shard's list from the spool, as on a cluster
+        for shard_id, listed in stream:
+            store.add_shard(job_id, shard_id, listed.uris)
+            task = ShardTask(job_id, shard_id, listed.uris, model, out_spec, columns=listed.columns)
+            if listed.carry is not None:  # the worker reads a carry shard's list from the spool, as on a cluster
                 ref = shard_ref(f"{workdir}/{FOLDER}/{job_id}", shard_id)
-                write_uris(ref, chunk, carry)
+                write_shard_list(ref, listed)
                 task = ShardTask(job_id, shard_id, [], model, out_spec, uris_ref=ref)
-                reused += len(chunk)
+                reused += len(listed.uris)
             run_shard(task, store, cache.get, settings, on_batch=bar.update)
-            if carry is not None:
-                bar.update(len(chunk))
-            n_shards, count = n_shards + 1, count + len(chunk)
+            if listed.carry is not None:
+                bar.update(len(listed.uris))
+            n_shards, count = n_shards + 1, count + len(listed.uris)
         if not n_shards:
             raise SourceError(f"no images found in {' '.join(sources)}")
         store.finish_submit(job_id, n_shards, count)
         bar.close()
+        if stream.duplicates:
+            print(duplicates_line(stream.duplicates), file=sys.stderr)
         if previous is not None:
             print(f"processed {plural(count - reused, 'image')}, reused {plural(reused, 'row')} from {skip_unchanged}",
                   file=sys.stderr)

@@ -13,10 +13,13 @@ producer's memory: about 200 bytes per previous row.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.contract import PREPROCESS_FAMILIES, ModelSpec, file_fingerprint
+from producer.shards import shard_list
+from producer.sources import Entry
+from workers.contract import PREPROCESS_FAMILIES, ModelSpec, ShardList, file_fingerprint
 from workers.errors import ConfigError
 from workers.schema import read_job_metadata
 from workers.sinks.parquet import read_schema, read_shard
@@ -123,33 +126,34 @@ class Previous:
         return Carry(self.files[file_no], row)
 
 
-def split(entries: Any, previous: Previous | None, size: int) -> Any:
-    """``(shard_id, uris, carry)`` for the sources' ``(uri, FileInfo)`` entries: shards of images to process
-    (``carry`` None) and shards of unchanged images (``carry``: ``{"files": [...], "rows": [[file, row]]}``),
-    interleaved as they fill, numbered in order."""
-    todo: list[str] = []
-    same: list[tuple[str, Carry]] = []
+def split(entries: Iterable[Entry], previous: Previous | None, size: int,
+          names: Sequence[str] = ()) -> Iterator[tuple[int, ShardList]]:
+    """``(shard_id, ShardList)`` for the sources' entries (``Entry`` with its ``FileInfo``): shards of images to
+    process and carry shards of unchanged images (``carry``: ``{"files": [...], "rows": [[file, row]]}``),
+    interleaved as they fill, numbered in order. ``names``: the kept columns, whose values both kinds carry."""
+    todo: list[Entry] = []
+    same: list[tuple[Entry, Carry]] = []
     shard_id = 0
-    for uri, info in entries:
-        found = previous.match(uri, info) if previous is not None else None
+    for entry in entries:
+        found = previous.match(entry.uri, entry.info) if previous is not None else None
         if found is None:
-            todo.append(uri)
+            todo.append(entry)
             if len(todo) == size:
-                yield shard_id, todo, None
+                yield shard_id, shard_list(todo, names)
                 shard_id, todo = shard_id + 1, []
         else:
-            same.append((uri, found))
+            same.append((entry, found))
             if len(same) == size:
-                yield shard_id, *_carry_shard(same)
+                yield shard_id, _carry_shard(same, names)
                 shard_id, same = shard_id + 1, []
     if todo:
-        yield shard_id, todo, None
+        yield shard_id, shard_list(todo, names)
         shard_id += 1
     if same:
-        yield shard_id, *_carry_shard(same)
+        yield shard_id, _carry_shard(same, names)
 
 
-def _carry_shard(items: list[tuple[str, Carry]]) -> tuple[list[str], dict[str, Any]]:
+def _carry_shard(items: list[tuple[Entry, Carry]], names: Sequence[str]) -> ShardList:
     files: dict[str, int] = {}
     rows = [[files.setdefault(c.file, len(files)), c.row] for _, c in items]
-    return [u for u, _ in items], {"files": list(files), "rows": rows}
+    return shard_list([e for e, _ in items], names, {"files": list(files), "rows": rows})

@@ -1,9 +1,10 @@
 """Sources: folders scanned recursively, ``s3://`` prefixes and manifest files, streamed as image URIs.
 
-Nothing here builds a list of all URIs: folders are walked lazily, object stores are listed one page
-(1000 keys) at a time while the shards are being enqueued, and manifests (local, on S3 or at an
-http(s) URL) are read line by line or batch by batch. A web server cannot be listed: an http(s)
-source is an image URL or a manifest of URLs.
+Nothing here builds a list of all URIs: folders are walked lazily (one folder's names at a time, sorted),
+object stores are listed one page (1000 keys) at a time while the shards are being enqueued, and
+manifests (local, on S3 or at an http(s) URL) are read line by line or batch by batch, with the values
+of the columns that ``--keep-columns`` names. A web server cannot be listed: an http(s) source is an
+image URL or a manifest of URLs.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 from workers.errors import ConfigError, ShardError, SourceError
@@ -53,9 +55,11 @@ def is_image_name(name: str) -> bool:
 def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
     """Image files under ``root``, recursively, streamed.
 
-    Files come in the folder's own listing order (stable for an unchanged folder), so a folder of a
-    million files is never held as one list; subfolders are visited afterwards, in name order.
-    Hidden entries are skipped and a symlink loop is walked once.
+    Within each folder, files come sorted by name (code point order: ``B.jpg`` before ``a.jpg``), then
+    its subfolders in name order: the same output order on every filesystem and whatever order the files
+    were created in. Only one folder's image names are held at a time (a folder of a million files takes
+    under 100 MB while it is sorted), never the whole tree. Hidden entries are skipped and a symlink loop
+    is walked once.
     """
     root = os.path.abspath(root)
     seen: set[tuple[int, int]] = set()
@@ -68,7 +72,8 @@ def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
         if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already walked
             return
         seen.add((st.st_dev, st.st_ino))
-        subfolders = []
+        files: list[str] = []
+        subfolders: list[str] = []
         try:
             with os.scandir(folder) as it:
                 for entry in it:
@@ -79,13 +84,17 @@ def walk_folder(root: str, filters: Filters = Filters()) -> Iterator[str]:
                     except OSError:
                         continue
                     if is_dir:
-                        subfolders.append(entry.path)
-                    elif is_image_name(entry.name) and filters.accepts(os.path.relpath(entry.path, root)):
-                        yield entry.path
+                        subfolders.append(entry.name)
+                    elif is_image_name(entry.name):
+                        files.append(entry.name)
         except OSError:
             return
-        for sub in sorted(subfolders):
-            yield from visit(sub)
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if filters.accepts(os.path.relpath(path, root)):
+                yield path
+        for name in sorted(subfolders):
+            yield from visit(os.path.join(folder, name))
 
     yield from visit(root)
 
@@ -159,9 +168,33 @@ def read_manifest(path: str) -> Iterator[str]:
     The manifest may be local or on an object store (``s3://bucket/list.txt``). Relative paths are taken
     relative to the manifest's folder. An unreadable manifest raises ``SourceError`` naming it.
     """
+    for uri, _ in read_manifest_rows(path):
+        yield uri
+
+
+def read_manifest_rows(path: str, keep: Sequence[tuple[str, str]] = ()) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """``(uri, values)`` for each entry of a manifest (see ``read_manifest``): ``values`` are the row's
+    ``keep`` columns, ``(name, Arrow type)`` pairs: Parquet values cast to that type, CSV cells as text,
+    None where the manifest has none (a null, or an empty CSV cell)."""
     try:
-        yield from _manifest_entries(path)
+        yield from _manifest_entries(path, keep)
     except (UnicodeDecodeError, OSError, ValueError, ShardError) as exc:  # ArrowInvalid is a ValueError
+        raise SourceError(f"{path}: cannot read manifest: {exc}") from exc
+
+
+def manifest_columns(path: str) -> dict[str, Any]:
+    """A CSV or Parquet manifest's columns and their Arrow types (CSV: all ``string``), from its header
+    or footer alone (a Parquet manifest on S3 is downloaded for it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if (_web_path(path) if is_web(path) else path).lower().endswith(".csv"):
+            with _text(path) as fh:
+                return {name: pa.string() for name in next(csv.reader(fh), [])}
+        with _seekable(path) as fh:
+            return {f.name: f.type for f in pq.ParquetFile(fh).schema_arrow}
+    except (UnicodeDecodeError, OSError, ValueError, ShardError) as exc:
         raise SourceError(f"{path}: cannot read manifest: {exc}") from exc
 
 
@@ -182,9 +215,10 @@ def _seekable(path: str) -> Any:
     return spool
 
 
-def _manifest_entries(path: str) -> Iterator[str]:
+def _manifest_entries(path: str, keep: Sequence[tuple[str, str]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
     remote, web = is_remote(path), is_web(path)
     base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
+    names = [name for name, _ in keep]
 
     def absolute(uri: str) -> str:
         if "://" in uri:
@@ -195,33 +229,45 @@ def _manifest_entries(path: str) -> Iterator[str]:
             return uri
         return f"{base}/{uri}" if remote else os.path.join(base, uri)
 
+    def missing(have: Sequence[str]) -> None:
+        gone = [name for name in names if name not in have]
+        if gone:
+            raise SourceError(f"{path}: no column {gone[0]!r} to keep (has {', '.join(have) or 'no columns'})")
+
     lower = (_web_path(path) if web else path).lower()
     if lower.endswith(".txt"):
+        missing([])
         with _text(path) as fh:
             for line in fh:
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    yield absolute(line)
+                    yield absolute(line), ()
     elif lower.endswith(".csv"):
         with _text(path) as fh:
             reader = csv.DictReader(fh)
             if "uri" not in (reader.fieldnames or []):
                 raise SourceError(f"{path}: a CSV manifest needs a 'uri' column (has {reader.fieldnames})")
+            missing(reader.fieldnames or [])
             for row in reader:
                 uri = (row["uri"] or "").strip()
                 if uri:
-                    yield absolute(uri)
+                    yield absolute(uri), tuple(row.get(name) or None for name in names)
     elif lower.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with _seekable(path) as fh:
             pf = pq.ParquetFile(fh)
             if "uri" not in pf.schema_arrow.names:
                 raise SourceError(f"{path}: a Parquet manifest needs a 'uri' column")
-            for batch in pf.iter_batches(columns=["uri"], batch_size=10_000):
-                for uri in batch.column(0).to_pylist():
+            missing(pf.schema_arrow.names)
+            types = [pa.type_for_alias(type_name) for _, type_name in keep]
+            for batch in pf.iter_batches(columns=["uri", *names], batch_size=10_000):
+                uris = batch.column(0).to_pylist()
+                columns = [batch.column(i + 1).cast(t).to_pylist() for i, t in enumerate(types)]
+                for uri, values in zip(uris, zip(*columns) if columns else itertools.repeat(())):
                     if uri and uri.strip():
-                        yield absolute(uri.strip())
+                        yield absolute(uri.strip()), values
     else:
         raise SourceError(f"{path}: not a folder, image or manifest (.txt, .csv, .parquet)")
 
@@ -260,39 +306,58 @@ def _not_listable(source: str) -> str:
             "a web server cannot be listed like a folder")
 
 
+class Entry(NamedTuple):
+    """One image of the sources: its URI, the values of the kept manifest columns (``()`` without
+    ``--keep-columns``) and, when asked for, the version of the file (``FileInfo``: size, mtime, ETag)."""
+
+    uri: str
+    values: tuple[Any, ...] = ()
+    info: Any = None
+
+
+def source_kind(source: str) -> tuple[str, str]:
+    """``(kind, path)``: ``folder`` or ``prefix`` (walked), ``image`` or ``manifest``; ``path`` is the
+    source without ``file://``."""
+    if is_remote(source):
+        return remote_kind(source), source
+    path = source[7:] if source.startswith("file://") else source
+    if os.path.isdir(path):
+        return "folder", path
+    return ("image" if is_image_name(path) else "manifest"), path
+
+
 def iter_uris(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[str]:
     """Every image URI of every source, in order, lazily."""
+    for entry in iter_entries(sources, filters):
+        yield entry.uri
+
+
+def iter_entries(sources: Iterable[str], filters: Filters = Filters(), keep: Sequence[tuple[str, str]] = (),
+                 stat: bool = False) -> Iterator[Entry]:
+    """Every image of every source as an ``Entry``, in order, lazily.
+
+    ``keep``: the manifest columns whose values come with each URI (``(name, Arrow type)`` pairs; only CSV
+    and Parquet manifests have columns, which ``producer.keep`` checks before any work). ``stat``: with
+    the version of each file, from the S3 listing where it comes with it, else a stat (S3: a HEAD).
+    """
+
+    def version(uri: str) -> Any:
+        return storage_for(uri).stat(uri)
+
     for source in sources:
-        if is_remote(source):
-            kind = remote_kind(source)
-            if kind == "page":
-                raise SourceError(_not_listable(source))
-            if kind == "prefix":
-                yield from walk_prefix(source, filters)
-                continue
-            if kind == "image":
-                yield source
-                continue
-            path = source
+        kind, path = source_kind(source)
+        if kind == "page":
+            raise SourceError(_not_listable(source))
+        if kind == "prefix":
+            for uri, info in walk_prefix_info(path, filters):
+                yield Entry(uri, (), info if stat else None)
+        elif kind == "folder":
+            for uri in walk_folder(path, filters):
+                yield Entry(uri, (), version(uri) if stat else None)
+        elif kind == "image":
+            uri = path if is_remote(path) else os.path.abspath(path)
+            yield Entry(uri, (), version(uri) if stat else None)
         else:
-            path = source[7:] if source.startswith("file://") else source
-            if os.path.isdir(path):
-                yield from walk_folder(path, filters)
-                continue
-            if is_image_name(path):
-                yield os.path.abspath(path)
-                continue
-        for uri in read_manifest(path):
-            if filters.accepts(uri):
-                yield uri
-
-
-def iter_entries(sources: Iterable[str], filters: Filters = Filters()) -> Iterator[tuple[str, Any]]:
-    """``(uri, FileInfo | None)`` for every image of ``iter_uris``: the version of each file (size,
-    modification time, ETag), from the S3 listing where it comes with it, else a stat (S3: a HEAD)."""
-    for source in sources:
-        if is_remote(source) and remote_kind(source) == "prefix":
-            yield from walk_prefix_info(source, filters)
-            continue
-        for uri in iter_uris([source], filters):
-            yield uri, storage_for(uri).stat(uri)
+            for uri, values in read_manifest_rows(path, keep):
+                if filters.accepts(uri):
+                    yield Entry(uri, values, version(uri) if stat else None)

@@ -11,22 +11,24 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
-from itertools import chain
 from typing import Any
 
 from tqdm import tqdm
 
-from producer.incremental import Previous, split
+from producer.dedupe import duplicates_line
+from producer.incremental import Previous
 from producer.jobs import check_job_id, connect_store, new_job_id, redact
-from producer.shards import shards
-from producer.sources import Filters, check_sources, iter_entries, iter_uris
+from producer.keep import kept_columns
+from producer.shards import ShardStream
+from producer.sources import Filters, check_sources
 from producer.words import plural
-from workers.contract import TASK_NAME, ModelSpec, OutputSpec, message, shard_name, spec_dicts
+from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardList, message, shard_name, spec_dicts
 from workers.errors import BrokerError, ConfigError, JobExists, ShardError, SourceError
 from workers.settings import Settings, check_redis_url
-from workers.spool import STATE, shard_ref, spool_for, write_uris
+from workers.spool import STATE, shard_ref, spool_for, write_shard_list
 
 SPOOL_WRITERS = 16  # shard lists written at once (S3 PUTs overlap)
 
@@ -41,19 +43,20 @@ def _outage_errors() -> tuple[type[BaseException], ...]:
 def submit(
     sources: list[str], model: ModelSpec, output: OutputSpec, settings: Settings, *,
     filters: Filters = Filters(), shard_size: int = 256, job_id: str | None = None, progress: bool = True,
-    skip_unchanged: str | None = None,
+    skip_unchanged: str | None = None, keep_columns: Sequence[str] = (),
 ) -> str:
     """Create a job and enqueue every shard of ``sources``; return the job id. With ``skip_unchanged``
-    (a previous output), unchanged images reuse their rows (``producer.incremental``)."""
+    (a previous output), unchanged images reuse their rows (``producer.incremental``); ``keep_columns``
+    are manifest columns copied into every row (``producer.keep``)."""
     if job_id is not None:
         check_job_id(job_id)
     check_sources(sources)
+    output = replace(output, keep_columns=kept_columns(sources, keep_columns, model))
     if skip_unchanged and not spool_for("x", output, settings.spool):
         raise ConfigError("--skip-unchanged needs a Parquet --output (or BATCHINFER_SPOOL) to list the reused rows")
     previous = Previous(skip_unchanged, model) if skip_unchanged else None
-    uris = iter_entries(sources, filters) if previous else iter_uris(sources, filters)
-    first = next(uris, None)
-    if first is None:
+    stream = ShardStream(sources, filters, shard_size, output.keep_columns, previous)
+    if stream.empty():
         raise SourceError(f"no images found in {' '.join(sources)}")
     store = connect_store(settings.state_url, settings.retention)
     app = _app(settings)
@@ -64,8 +67,7 @@ def submit(
         "spool": spool_for(job_id, output, settings.spool), "skip_unchanged": skip_unchanged}
     if not store.create_job(job_id, spec):
         raise JobExists(f"job {job_id} already exists (choose another --job-id, or `batchinfer delete {job_id}`)")
-    return _enqueue(store, app, settings, job_id, model, output, _stream(chain([first], uris), previous, shard_size),
-                    progress, spool=spec["spool"])
+    return _enqueue(store, app, settings, job_id, model, output, stream, progress, spool=spec["spool"])
 
 
 def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
@@ -83,20 +85,14 @@ def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
     filters = Filters(tuple(spec.get("include") or ()), tuple(spec.get("exclude") or ()))
     check_sources(spec["sources"])
     model = ModelSpec.from_dict(spec["model"])
+    output = OutputSpec.from_dict(spec["output"])
+    kept_columns(spec["sources"], output.keep_names, model)  # the columns are still there (their types are the job's)
     previous = Previous(spec["skip_unchanged"], model) if spec.get("skip_unchanged") else None
-    entries = iter_entries(spec["sources"], filters) if previous else iter_uris(spec["sources"], filters)
+    stream = ShardStream(spec["sources"], filters, spec["shard_size"], output.keep_columns, previous)
     app = _app(settings)
     store.resume_submit(job_id)
-    return _enqueue(store, app, settings, job_id, model, OutputSpec.from_dict(spec["output"]),
-                    _stream(entries, previous, spec["shard_size"]), progress, recorded=job.n_shards,
+    return _enqueue(store, app, settings, job_id, model, output, stream, progress, recorded=job.n_shards,
                     spool=spec.get("spool"))
-
-
-def _stream(entries: Any, previous: Previous | None, shard_size: int) -> Any:
-    """``(shard_id, uris, carry)``: plain shards, or processed and carry shards of an incremental run."""
-    if previous is None:
-        return ((shard_id, chunk, None) for shard_id, chunk in shards(entries, shard_size))
-    return split(entries, previous, shard_size)
 
 
 def _app(settings: Settings) -> Any:
@@ -108,43 +104,44 @@ def _app(settings: Settings) -> Any:
 
 
 def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: ModelSpec, output: OutputSpec,
-             stream: Any, progress: bool, recorded: int = 0, spool: str | None = None) -> str:
+             stream: ShardStream, progress: bool, recorded: int = 0, spool: str | None = None) -> str:
     """Record and send every shard; the first ``recorded`` ones were recorded by an earlier submit.
 
     With a spool, each shard's list is written to storage first (a few writes in flight at once, for
     S3), and the message carries its URI; the shard is recorded, then sent, once its list is written.
+    Either way the message carries a pointer, never the URIs or kept values.
     """
     bar = tqdm(desc=f"submit {job_id}", unit="img", file=sys.stderr, disable=not progress)
     specs = spec_dicts(model, output)
     count = n_shards = reused = 0
-    inflight: deque[tuple[int, list[str], Future[None] | None]] = deque()
+    inflight: deque[tuple[int, ShardList, Future[None] | None]] = deque()
 
-    def send(producer: Any, shard_id: int, chunk: list[str], written: Future[None] | None) -> None:
+    def send(producer: Any, shard_id: int, listed: ShardList, written: Future[None] | None) -> None:
         ref = STATE
         if written is not None:
             written.result()
             ref = shard_ref(spool, shard_id)  # type: ignore[arg-type]
-        store.add_shard(job_id, shard_id, chunk, keep_uris=spool is None)
+        store.add_shard(job_id, shard_id, listed.uris, keep_uris=spool is None, columns=listed.columns)
         app.send_task(
-            TASK_NAME, kwargs={"task": message(job_id, shard_id, specs, chunk, ref)}, queue=settings.queue,
+            TASK_NAME, kwargs={"task": message(job_id, shard_id, specs, listed.uris, ref)}, queue=settings.queue,
             producer=producer, argsrepr="()", kwargsrepr=f"{job_id}/{shard_name(shard_id)}",
             retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5},
         )
 
     try:
         with app.producer_or_acquire() as producer, ThreadPoolExecutor(SPOOL_WRITERS) as pool:
-            for shard_id, chunk, carry in stream:
-                count += len(chunk)
-                reused += len(chunk) if carry else 0
+            for shard_id, listed in stream:
+                count += len(listed.uris)
+                reused += len(listed.uris) if listed.carry else 0
                 n_shards += 1
-                bar.update(len(chunk))
+                bar.update(len(listed.uris))
                 if shard_id < recorded - 1:
                     continue
-                if shard_id == recorded - 1 and store.shard_uris(job_id, shard_id) != chunk:
+                if shard_id == recorded - 1 and store.shard_uris(job_id, shard_id) != listed.uris:
                     raise SourceError(f"the sources of job {job_id} changed since it was submitted "
                                       f"(shard {shard_id} differs); submit a new job")
-                written = pool.submit(write_uris, shard_ref(spool, shard_id), chunk, carry) if spool else None
-                inflight.append((shard_id, chunk, written))
+                written = pool.submit(write_shard_list, shard_ref(spool, shard_id), listed) if spool else None
+                inflight.append((shard_id, listed, written))
                 if len(inflight) > SPOOL_WRITERS:
                     send(producer, *inflight.popleft())
             while inflight:
@@ -171,6 +168,8 @@ def _enqueue(store: Any, app: Any, settings: Settings, job_id: str, model: Model
                           f"({recorded}); submit a new job")
     store.finish_submit(job_id, n_shards, count)
     print(f"submitted {plural(count, 'image')} in {plural(n_shards, 'shard')} as job {job_id}", file=sys.stderr)
+    if stream.duplicates:
+        print(duplicates_line(stream.duplicates), file=sys.stderr)
     if reused:
         print(f"{plural(count - reused, 'image')} to process, {reused} unchanged (their rows are reused)",
               file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from workers.app import celery_config
-from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardTask, shard_name
+from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardList, ShardTask, message, shard_name, spec_dicts
 from workers.errors import ConfigError
 from workers.models.registry import ARCHITECTURES, get_architecture, layer_names, resolve_layer
 from workers.settings import Settings
@@ -60,6 +60,50 @@ def test_from_dict_tolerates_missing_and_unknown_fields():
     assert back.output.ttl == 0
     minimal = ShardTask.from_dict({"job_id": "j", "shard_id": "3", "uris": ["x.jpg"]})
     assert minimal == ShardTask("j", 3, ["x.jpg"])
+
+
+def test_kept_columns_travel_in_the_output_spec_and_beside_inline_uris():
+    output = OutputSpec(sink="parquet", path="/out", keep_columns=(("id", "int64"), ("caption", "string")))
+    task = ShardTask("j", 1, ["/a.jpg", "/b.jpg"], ModelSpec(), output,
+                     columns={"id": [1, None], "caption": ["x", "y"]})
+    wire = json.loads(json.dumps(task.to_dict()))
+    assert wire["output"]["keep_columns"] == [["id", "int64"], ["caption", "string"]]
+    assert wire["columns"] == {"id": [1, None], "caption": ["x", "y"]}
+    back = ShardTask.from_dict(wire)
+    assert back == task and back.output.keep_names == ["id", "caption"]
+    by_ref = message("j", 1, spec_dicts(ModelSpec(), output), task.uris, "state:", task.columns)
+    assert "columns" not in by_ref and "uris" not in by_ref, "with a pointer, the values stay with the URIs"
+
+
+@pytest.mark.parametrize("listed, body", [
+    (ShardList(["/a.jpg"]), ["/a.jpg"]),
+    (ShardList(["/a.jpg"], {"id": [3]}), {"uris": ["/a.jpg"], "columns": {"id": [3]}}),
+    (ShardList(["/a.jpg"], {}, {"files": ["/p.parquet"], "rows": [[0, 4]]}),
+     {"uris": ["/a.jpg"], "files": ["/p.parquet"], "rows": [[0, 4]]}),
+    (ShardList(["/a.jpg"], {"id": [3]}, {"files": ["/p.parquet"], "rows": [[0, 4]]}),
+     {"uris": ["/a.jpg"], "columns": {"id": [3]}, "files": ["/p.parquet"], "rows": [[0, 4]]}),
+])
+def test_shard_list_bodies_and_the_old_forms(listed, body):
+    """A list with nothing beside its URIs is written as the plain list earlier versions wrote; carry bodies
+    written before kept columns existed read as they did."""
+    assert listed.body() == body
+    assert ShardList.from_body(json.loads(json.dumps(body))) == listed
+
+
+def test_shard_lists_round_trip_through_the_spool_and_the_job_state(tmp_path):
+    import gzip
+    import zlib
+
+    from workers.redis_jobstore import pack_shard_list, unpack_shard_list
+    from workers.spool import read_shard_list, write_shard_list
+
+    listed = ShardList(["/a.jpg", "/b.jpg"], {"id": [1, None], "ok": [True, False]})
+    write_shard_list(str(tmp_path / "s.uris.gz"), listed)
+    assert read_shard_list(str(tmp_path / "s.uris.gz")) == listed
+    assert unpack_shard_list(pack_shard_list(listed)) == listed
+    (tmp_path / "old.uris.gz").write_bytes(gzip.compress(b'["/a.jpg"]'))  # written by an earlier version
+    assert read_shard_list(str(tmp_path / "old.uris.gz")) == ShardList(["/a.jpg"])
+    assert unpack_shard_list(zlib.compress(b'["/a.jpg"]')) == ShardList(["/a.jpg"])
 
 
 def test_shard_name():

@@ -13,7 +13,15 @@ import pytest
 
 import producer.sources as sources_mod
 from producer.shards import shards
-from producer.sources import Filters, check_sources, is_image_name, iter_uris, read_manifest, walk_folder
+from producer.sources import (
+    Filters,
+    check_sources,
+    is_image_name,
+    iter_uris,
+    read_manifest,
+    read_manifest_rows,
+    walk_folder,
+)
 from workers.errors import SourceError
 
 IMAGE_NAMES = ["A.JPG", "b.Jpeg", "c.png", "d.BMP", "e.gif", "f.WebP", "g.tif", "h.TIFF"]
@@ -101,6 +109,19 @@ def test_walk_order_is_deterministic(tmp_path):
     assert len(first) == len(set(first)) == len(list(tmp_path.rglob("*.*")))
     for _ in range(3):
         assert list(walk_folder(str(tmp_path))) == first
+
+
+def test_walk_order_is_sorted_by_name_whatever_the_creation_order(tmp_path):
+    names = ["b.jpg", "B.png", "10.jpg", "9.jpg", "_x.gif", "a.jpeg", "ä.jpg", "Z.webp"]
+    subfolders = ["sub2", "Sub1", "sub10"]
+    for name in reversed(names):  # created last-first: a listing in creation order is not sorted
+        touch(tmp_path, name)
+    for sub in reversed(subfolders):
+        touch(tmp_path, *(f"{sub}/{name}" for name in reversed(names[:3])))
+    found = rel(walk_folder(str(tmp_path)), tmp_path)
+    files_first = sorted(names) + [f"{sub}/{name}" for sub in sorted(subfolders) for name in sorted(names[:3])]
+    assert found == files_first, "files of a folder sorted by name (code points), then its subfolders in name order"
+    assert found[:4] == ["10.jpg", "9.jpg", "B.png", "Z.webp"]
 
 
 def test_symlink_loop_terminates_and_yields_each_file_once(tmp_path):
@@ -248,6 +269,25 @@ def test_parquet_manifest_with_uri_column(tmp_path):
         "/abs/c.png",
         "s3://b/d.jpg",
     ]
+
+
+def test_manifest_rows_carry_the_kept_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "m.csv").write_text("id,uri,caption\n7,a.jpg,a cat\n,,skipped\n08,/abs/b.png,\n9,c.jpg\n",
+                                    encoding="utf-8")
+    rows = list(read_manifest_rows(str(tmp_path / "m.csv"), [("caption", "string"), ("id", "string")]))
+    assert rows == [(str(tmp_path / "a.jpg"), ("a cat", "7")), ("/abs/b.png", (None, "08")),
+                    (str(tmp_path / "c.jpg"), (None, "9"))], "CSV cells as text; empty or absent cells are null"
+    pq.write_table(pa.table({"uri": ["a.jpg", None, "b.jpg"], "id": pa.array([1, 2, None], pa.int32()),
+                             "tag": pa.array(["x", "y", None]).dictionary_encode()}), tmp_path / "m.parquet")
+    rows = list(read_manifest_rows(str(tmp_path / "m.parquet"), [("id", "int64"), ("tag", "string")]))
+    assert rows == [(str(tmp_path / "a.jpg"), (1, "x")), (str(tmp_path / "b.jpg"), (None, None))]
+    assert list(read_manifest_rows(str(tmp_path / "m.parquet"))) == [(str(tmp_path / "a.jpg"), ()),
+                                                                     (str(tmp_path / "b.jpg"), ())]
+    with pytest.raises(SourceError, match="no column 'nope' to keep"):
+        list(read_manifest_rows(str(tmp_path / "m.csv"), [("nope", "string")]))
 
 
 def test_large_parquet_manifest_keeps_order(tmp_path):

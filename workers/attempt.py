@@ -126,11 +126,12 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
             sink_class(task.output.sink).check(task.output)  # one clear reason before the model loads
             carry = None
             if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
-                uris, carry = ((store.shard_uris(task.job_id, task.shard_id), None) if task.uris_ref == STATE
-                               else read_shard_list(task.uris_ref))
-                if uris is None:
+                listed = (store.shard_list(task.job_id, task.shard_id) if task.uris_ref == STATE
+                          else read_shard_list(task.uris_ref))
+                if listed is None:
                     raise ConfigError(f"the URIs of {where} are gone (job state expired or deleted?)")
-                task = replace(task, uris=uris)
+                task = replace(task, uris=listed.uris, columns=listed.columns)
+                carry = listed.carry
             counts = committed_output(task, settings) if start.runs > 1 else None
             if counts is not None:
                 log.info("%s: output already committed by an earlier attempt; marking it done", where)

@@ -3,7 +3,8 @@
 A task message is ``{"task": ShardTask.to_dict()}``: job id, shard id, the URIs or (for spooled
 jobs, see ``workers.spool``) the URI of the file that lists them, a model spec and an output spec.
 Nothing in it is pickled and nothing in it is secret (connection URLs with passwords come from each
-process's environment, never from the message).
+process's environment, never from the message). What travels beside a shard's URIs (kept manifest
+columns, carry rows) is a ``ShardList``, stored with the URIs rather than in the message.
 """
 
 from __future__ import annotations
@@ -79,15 +80,61 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where rows go. ``path`` is the Parquet folder; the Redis sink uses ``ttl`` (seconds, 0 = none)."""
+    """Where rows go. ``path`` is the Parquet folder; the Redis sink uses ``ttl`` (seconds, 0 = none).
+
+    ``keep_columns`` are the manifest columns copied into every row (``--keep-columns``), as
+    ``(name, Arrow type)`` pairs (``("id", "int64")``): the type is fixed once per job by the producer,
+    so every shard's schema is the same whatever values its own rows have.
+    """
 
     sink: str = "parquet"
     path: str | None = None
     ttl: int = 0
+    keep_columns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def keep_names(self) -> list[str]:
+        return [name for name, _ in self.keep_columns]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OutputSpec:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        values["keep_columns"] = tuple((str(n), str(t)) for n, t in values.get("keep_columns") or ())
+        return cls(**values)
+
+
+@dataclass
+class ShardList:
+    """A shard's URIs and what travels with them: the values of the kept manifest columns (one list per
+    column, aligned with ``uris``) and, for a carry shard of an incremental run, where each previous row is
+    (``{"files": [...], "rows": [[file, row], ...]}``, see ``producer.incremental``).
+
+    Its JSON body (spooled, or kept in the job state) is the plain URI list when nothing travels beside
+    the URIs, the form earlier versions wrote, and otherwise ``{"uris": [...], "columns": {...},
+    "files": [...], "rows": [...]}`` with only the keys that apply. Both forms are read.
+    """
+
+    uris: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    carry: dict[str, Any] | None = None
+
+    def body(self) -> Any:
+        if not self.columns and self.carry is None:
+            return self.uris
+        out: dict[str, Any] = {"uris": self.uris}
+        if self.columns:
+            out["columns"] = self.columns
+        out.update(self.carry or {})
+        return out
+
+    @classmethod
+    def from_body(cls, body: Any) -> ShardList:
+        if isinstance(body, list):
+            return cls([str(u) for u in body])
+        rest = dict(body)
+        uris = [str(u) for u in rest.pop("uris")]
+        columns = rest.pop("columns", None) or {}
+        return cls(uris, columns, rest or None)
 
 
 @dataclass(frozen=True)
@@ -100,6 +147,7 @@ class ShardTask:
     model: ModelSpec = field(default_factory=ModelSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     uris_ref: str | None = None  # where the URIs are listed when they do not travel in the message
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # kept manifest values, aligned with ``uris``
 
     @property
     def name(self) -> str:
@@ -107,7 +155,8 @@ class ShardTask:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (tuples become lists), exactly what travels in the message."""
-        return message(self.job_id, self.shard_id, spec_dicts(self.model, self.output), self.uris, self.uris_ref)
+        return message(self.job_id, self.shard_id, spec_dicts(self.model, self.output), self.uris, self.uris_ref,
+                       self.columns)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardTask:
@@ -118,6 +167,7 @@ class ShardTask:
             model=ModelSpec.from_dict(data.get("model", {})),
             output=OutputSpec.from_dict(data.get("output", {})),
             uris_ref=data.get("uris_ref"),
+            columns={str(k): list(v) for k, v in (data.get("columns") or {}).items()},
         )
 
 
@@ -127,13 +177,17 @@ def spec_dicts(model: ModelSpec, output: OutputSpec) -> dict[str, Any]:
 
 
 def message(job_id: str, shard_id: int, specs: dict[str, Any], uris: list[str] | None = None,
-            uris_ref: str | None = None) -> dict[str, Any]:
-    """A task message's ``task`` argument from precomputed ``spec_dicts`` (cheap: no deep copies)."""
+            uris_ref: str | None = None, columns: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """A task message's ``task`` argument from precomputed ``spec_dicts`` (cheap: no deep copies).
+
+    Kept column values go with the URIs: in the message only when the URIs are in it too."""
     out: dict[str, Any] = {"job_id": job_id, "shard_id": shard_id, **specs}
     if uris_ref:
         out["uris_ref"] = uris_ref
     else:
         out["uris"] = list(uris or ())
+        if columns:
+            out["columns"] = columns
     return out
 
 

@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from workers.contract import ShardList
+
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
 # What ``begin`` tells an attempt to do.
@@ -125,7 +127,8 @@ class JobStore(Protocol):
     """What the producer, the workers and the collector need from job state (see the module docstring)."""
 
     def create_job(self, job_id: str, spec: dict[str, Any]) -> bool: ...
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool: ...
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True,
+                  columns: dict[str, list[Any]] | None = None) -> bool: ...
     def finish_submit(self, job_id: str, shards: int, images: int) -> None: ...
     def fail_submit(self, job_id: str, reason: str) -> None: ...
     def begin(self, job_id: str, shard_id: int, holder: Holder, lease_seconds: float, max_attempts: int,
@@ -135,6 +138,7 @@ class JobStore(Protocol):
     def fail(self, job_id: str, shard_id: int, token: str, reason: str, retry_in: float | None) -> str: ...
     def release(self, job_id: str, shard_id: int, token: str, reason: str) -> str: ...
     def get_job(self, job_id: str, shards: bool = False) -> JobState | None: ...
+    def shard_list(self, job_id: str, shard_id: int) -> ShardList | None: ...
     def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None: ...
 
 
@@ -158,7 +162,8 @@ class MemoryJobStore:
             self.jobs[job_id] = JobState(job_id, spec, time.time(), False, None, None)
             return True
 
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool:
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True,
+                  columns: dict[str, list[Any]] | None = None) -> bool:
         with self.lock:
             job = self.jobs[job_id]
             if shard_id in job.shards:
@@ -282,6 +287,9 @@ class MemoryJobStore:
             job.running = [{"shard": s, **lease} for (j, s), lease in sorted(self.leases.items()) if j == job_id]
             job.failed = [{"shard": i, **rec} for i, rec in sorted(job.shards.items()) if rec["state"] == FAILED]
             return job
+
+    def shard_list(self, job_id: str, shard_id: int) -> ShardList | None:
+        return None
 
     def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None:
         return None

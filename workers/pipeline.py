@@ -22,7 +22,7 @@ from workers import __version__
 from workers.contract import ShardTask
 from workers.decode import DECODERS, Decoded
 from workers.errors import ConfigError, DecodeError, ShardError, ShardStopped
-from workers.schema import build_batch, output_schema, with_job_metadata
+from workers.schema import build_batch, kept_arrays, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
 from workers.storage import storage_for
@@ -110,6 +110,7 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
         "feature_columns": predictor.feature_columns,
         "feature_shapes": predictor.feature_shapes,
         "batchinfer_version": __version__,
+        **kept_metadata(task),
     }
 
 
@@ -120,6 +121,23 @@ def _top_k(spec: Any, effective: int) -> dict[str, Any]:
     if effective < spec.top_k:
         return {"top_k": effective, "top_k_requested": spec.top_k}
     return {"top_k": spec.top_k}
+
+
+def kept_metadata(task: ShardTask) -> dict[str, Any]:
+    """``keep_columns`` (``[[name, type], ...]``) in the job metadata when the job keeps manifest columns,
+    so a later incremental run knows which of a previous output's columns came from its manifest."""
+    keep = task.output.keep_columns
+    return {"keep_columns": [list(pair) for pair in keep]} if keep else {}
+
+
+def check_kept(task: ShardTask) -> None:
+    """Every kept column has one value per URI: a list that does not is a broken job, failed at once."""
+    for name in task.output.keep_names:
+        values = task.columns.get(name)
+        if values is None or len(values) != len(task.uris):
+            have = "none" if values is None else f"{len(values)} for {len(task.uris)} URIs"
+            raise ConfigError(f"job {task.job_id} {task.name}: its list has no values of kept column {name!r} "
+                              f"({have})")
 
 
 def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
@@ -133,10 +151,13 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     """
     settings = settings or Settings.from_env()
     spec = task.model
+    check_kept(task)
+    kept = {name: task.columns[name] for name in task.output.keep_names}
     decode = DECODERS[spec.decode]
     size = predictor.input_hw
     schema = with_job_metadata(
-        output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns),
+        output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns,
+                      keep=task.output.keep_columns),
         job_metadata(task, predictor),
     )
     timings = {"read_decode": 0.0, "wait": 0.0, "predict": 0.0, "write": 0.0}
@@ -176,7 +197,7 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
             sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
             rows = build_batch(
                 schema, [b.uri for b in batch], [b.error for b in batch], sizes, ok, outputs, predictor.labels,
-                [b.info for b in batch],
+                [b.info for b in batch], kept_arrays(schema, kept, images, images + len(batch)),
             )
             sink.write(rows)
             timings["write"] += time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Job state in Redis: the state machine of ``workers.jobstate`` as Lua scripts (``workers.lua``).
 
-Key layout in ``workers.keys``. A shard's URIs are kept with its state (``job:{job}:uris``, a
-zlib-compressed JSON list per shard) so a shard can be re-enqueued without its original message.
+Key layout in ``workers.keys``. A shard's URIs are kept with its state (``job:{job}:uris``, the
+zlib-compressed JSON body of its ``ShardList`` per shard: the URI list, or with kept manifest columns an
+object) so a shard can be re-enqueued without its original message.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import zlib
 from typing import Any
 
 from workers import keys, lua
+from workers.contract import ShardList
 from workers.jobstate import Begin, Holder, JobState
 
 
@@ -22,12 +24,12 @@ def _f(value: Any) -> float | None:
     return float(value) if value not in (None, b"", "") else None
 
 
-def pack_uris(uris: list[str]) -> bytes:
-    return zlib.compress(json.dumps(uris, separators=(",", ":")).encode(), 6)
+def pack_shard_list(listed: ShardList) -> bytes:
+    return zlib.compress(json.dumps(listed.body(), separators=(",", ":")).encode(), 6)
 
 
-def unpack_uris(blob: bytes) -> list[str]:
-    return json.loads(zlib.decompress(blob))
+def unpack_shard_list(blob: bytes) -> ShardList:
+    return ShardList.from_body(json.loads(zlib.decompress(blob)))
 
 
 class RedisJobStore:
@@ -56,9 +58,11 @@ class RedisJobStore:
         return bool(self._scripts["CREATE"](keys=[keys.job(job_id), keys.jobs(), keys.active()],
                                             args=[job_id, json.dumps(spec), 0, spec.get("queue") or "batchinfer"]))
 
-    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True) -> bool:
-        """Record a pending shard; its URIs too unless the job spools them (``workers.spool``)."""
-        blob = pack_uris(uris) if keep_uris else b""
+    def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True,
+                  columns: dict[str, list[Any]] | None = None) -> bool:
+        """Record a pending shard; its URIs (and kept column values) too unless the job spools them
+        (``workers.spool``)."""
+        blob = pack_shard_list(ShardList(uris, columns or {})) if keep_uris else b""
         return bool(self._scripts["ADD_SHARD"](keys=[keys.job(job_id), keys.shards(job_id), keys.uris(job_id)],
                                                args=[shard_id, len(uris), blob]))
 
@@ -96,20 +100,24 @@ class RedisJobStore:
     def release(self, job_id: str, shard_id: int, token: str, reason: str) -> str:
         return _s(self._transition("RELEASE", job_id, shard_id, token, reason))  # type: ignore[return-value]
 
-    def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None:
-        """A shard's URIs, from Redis or from the job's spool."""
+    def shard_list(self, job_id: str, shard_id: int) -> ShardList | None:
+        """A shard's list (URIs, kept column values), from Redis or from the job's spool."""
         blob = self.client.hget(keys.uris(job_id), str(shard_id))
         if blob:
-            return unpack_uris(blob)
+            return unpack_shard_list(blob)
         spool = self.spool(job_id)
         if spool is None:
             return None
-        from workers.spool import read_uris, shard_ref
+        from workers.spool import read_shard_list, shard_ref
 
         try:
-            return read_uris(shard_ref(spool, shard_id))
+            return read_shard_list(shard_ref(spool, shard_id))
         except FileNotFoundError:
             return None
+
+    def shard_uris(self, job_id: str, shard_id: int) -> list[str] | None:
+        listed = self.shard_list(job_id, shard_id)
+        return None if listed is None else listed.uris
 
     def spool(self, job_id: str) -> str | None:
         raw = self.client.hget(keys.job(job_id), "spec")

@@ -1,7 +1,9 @@
 """The output schema (a contract) and the builder that turns one batch into Arrow rows.
 
-Every input image yields exactly one row. Failed images keep ``uri`` and ``error`` and have nulls
-elsewhere. Job metadata goes into the Parquet key-value metadata under the key ``batchinfer``.
+Every input image yields exactly one row. Failed images keep ``uri`` and ``error`` (and the kept
+manifest columns, which are join keys) and have nulls elsewhere. Kept columns come last, so the
+documented columns keep their places whatever the manifest. Job metadata goes into the Parquet
+key-value metadata under the key ``batchinfer``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ METADATA_KEY = b"batchinfer"
 
 
 def output_schema(
-    task: str, top_k: int = 5, feature_dim: int | None = None, feature_columns: dict[str, int] | None = None
+    task: str, top_k: int = 5, feature_dim: int | None = None, feature_columns: dict[str, int] | None = None,
+    keep: Sequence[tuple[str, str]] = (),
 ) -> pa.Schema:
     """The schema for ``task`` (``classify``, ``features`` or ``classify,features``).
 
     ``feature_columns`` maps each feature column to its fixed dimension; ``feature_dim`` is the
-    shorthand for the single ``features`` column.
+    shorthand for the single ``features`` column. ``keep``: the kept manifest columns, ``(name, Arrow
+    type)`` pairs (``OutputSpec.keep_columns``), appended in that order.
     """
     tasks = task.split(",")
     unknown = set(tasks) - {"classify", "features"}
@@ -50,7 +54,18 @@ def output_schema(
         if not columns:
             raise ValueError("features output needs a feature dimension")
         fields += [pa.field(name, pa.list_(pa.float32(), dim)) for name, dim in columns.items()]
+    fields += [pa.field(name, arrow_type(type_name)) for name, type_name in keep]
     return pa.schema(fields)
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """An Arrow type from its name as ``str(type)`` writes it (``int64``, ``double``, ``string``, ``bool``)."""
+    return pa.type_for_alias(name)
+
+
+def kept_arrays(schema: pa.Schema, columns: dict[str, list[Any]], start: int, stop: int) -> dict[str, pa.Array]:
+    """Rows ``start:stop`` of the kept columns' values, typed as ``schema`` says."""
+    return {name: pa.array(values[start:stop], schema.field(name).type) for name, values in columns.items()}
 
 
 def feature_column_names(schema: pa.Schema) -> list[str]:
@@ -75,11 +90,12 @@ def build_batch(
     outputs: dict[str, np.ndarray],
     labels: Sequence[str] | None = None,
     infos: Sequence[Any] | None = None,
+    kept: dict[str, pa.Array] | None = None,
 ) -> pa.RecordBatch:
     """Rows for one batch; ``ok`` lists the positions that went through the model, in order.
 
     ``infos``: the version of each file that was read (``FileInfo``: size, mtime, ETag), None where
-    it could not be read."""
+    it could not be read. ``kept``: the kept manifest columns' arrays for these rows (``kept_arrays``)."""
     n = len(uris)
     infos = infos or [None] * n
     columns: dict[str, Any] = {
@@ -113,6 +129,7 @@ def build_batch(
         mask = np.ones(n, dtype=bool)
         mask[list(ok)] = False
         columns[name] = _null_where(arr, mask) if mask.any() else arr
+    columns.update(kept or {})
     return pa.RecordBatch.from_arrays([columns[name] for name in names], schema=schema)
 
 

@@ -6,16 +6,16 @@ Parquet dataset readers); ``BATCHINFER_SPOOL`` (a folder or ``s3://`` prefix) na
 and is what makes Redis-sink jobs spool. Without a spool the URIs stay in Redis with the job state
 (zlib-compressed) and the message's pointer is ``STATE``. Either way the broker holds about 1.6 KB
 per shard whatever the shard's size, and a shard can be re-enqueued (recovery, ``retry``) without its
-original message.
+original message. A list is a ``workers.contract.ShardList``: kept manifest columns and carry rows are
+written with the URIs, in the same file.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from typing import Any
 
-from workers.contract import OutputSpec, shard_name
+from workers.contract import OutputSpec, ShardList, shard_name
 from workers.storage import storage_for
 
 FOLDER = "_batchinfer"
@@ -34,25 +34,20 @@ def shard_ref(spool: str, shard_id: int) -> str:
     return f"{spool}/{shard_name(shard_id)}.uris.gz"
 
 
-def encode(uris: list[str], carry: dict[str, Any] | None = None) -> bytes:
-    body: Any = uris if carry is None else {"uris": uris, **carry}
-    return gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=5, mtime=0)
+def encode(listed: ShardList) -> bytes:
+    return gzip.compress(json.dumps(listed.body(), separators=(",", ":")).encode(), compresslevel=5, mtime=0)
 
 
-def write_uris(ref: str, uris: list[str], carry: dict[str, Any] | None = None) -> None:
-    """Write a shard's list whole (temporary name, then rename / one PUT). A carry shard of an
-    incremental run (``producer.incremental``) also lists where each image's previous row is."""
+def write_shard_list(ref: str, listed: ShardList) -> None:
+    """Write a shard's list whole (temporary name, then rename / one PUT)."""
     with storage_for(ref).open_atomic(ref) as target, open(target.path, "wb") as fh:
-        fh.write(encode(uris, carry))
+        fh.write(encode(listed))
 
 
-def read_shard_list(ref: str) -> tuple[list[str], dict[str, Any] | None]:
-    """A shard's URIs, and its carry list if it is a carry shard."""
-    body = json.loads(gzip.decompress(storage_for(ref).read(ref)))
-    if isinstance(body, dict):
-        return [str(u) for u in body.pop("uris")], body
-    return [str(u) for u in body], None
+def read_shard_list(ref: str) -> ShardList:
+    """A shard's list, in either body form (``ShardList.from_body``)."""
+    return ShardList.from_body(json.loads(gzip.decompress(storage_for(ref).read(ref))))
 
 
 def read_uris(ref: str) -> list[str]:
-    return read_shard_list(ref)[0]
+    return read_shard_list(ref).uris

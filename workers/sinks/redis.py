@@ -3,7 +3,8 @@
 Fields: ``uri``, ``shard``, ``width``, ``height``, ``error`` (only on failure); for classify
 ``label``, ``score`` and ``top_k_indices`` / ``top_k_labels`` / ``top_k_scores`` as JSON lists;
 for features ``features`` (or ``features_<layer>``) as raw little-endian float32 bytes (the layout
-RediSearch vector fields index). Rows are first written under staging keys; ``close()`` renames them over the final keys
+RediSearch vector fields index); kept manifest columns as text (booleans ``1``/``0``), absent when null.
+Rows are first written under staging keys; ``close()`` renames them over the final keys
 and replaces the shard's row list ``batchinfer:job:{job}:rows:{shard}`` (and its counts in
 ``batchinfer:job:{job}:committed``) in one MULTI/EXEC, so a
 crashed attempt changes nothing and a re-run overwrites the same keys (rows are never duplicated).
@@ -40,6 +41,7 @@ class RedisSink(Sink):
         self.shard = task.name
         self.ttl = int(task.output.ttl or 0)
         self.schema = schema
+        self.vectors = frozenset(f.name for f in schema if pa.types.is_fixed_size_list(f.type))
         self.staging = keys.staging(self.job_id, self.shard, uuid.uuid4().hex[:12])
         self.staged: list[tuple[str, str]] = []  # (staging key, final key)
         self.errors = 0
@@ -53,7 +55,7 @@ class RedisSink(Sink):
         for row in table.to_pylist():
             self.errors += row.get("error") is not None
             temp = f"{self.staging}:{len(self.staged)}"
-            pipe.hset(temp, mapping=encode_row(row, self.shard))
+            pipe.hset(temp, mapping=encode_row(row, self.shard, self.vectors))
             pipe.expire(temp, STAGING_TTL)
             self.staged.append((temp, keys.image(self.job_id, row["uri"])))
         pipe.execute()
@@ -96,15 +98,19 @@ class RedisSink(Sink):
             self.client.delete(*(temp for temp, _ in self.staged))
 
 
-def encode_row(row: dict[str, Any], shard: str) -> dict[str, Any]:
+def encode_row(row: dict[str, Any], shard: str, vectors: frozenset[str] | None = None) -> dict[str, Any]:
+    """A row as hash fields; ``vectors``: the feature columns (default: names starting ``features``)."""
     out: dict[str, Any] = {"uri": row["uri"], "shard": shard}
     for name, value in row.items():
         if name == "uri" or value is None:
             continue
-        if name.startswith("features"):
+        vector = name in vectors if vectors is not None else name.startswith("features")
+        if vector:
             out[name] = np.asarray(value, dtype=FEATURE_DTYPE).tobytes()
         elif isinstance(value, list):
             out[name] = json.dumps(value)
+        elif isinstance(value, bool):  # redis-py refuses booleans
+            out[name] = int(value)
         else:
             out[name] = value
     return out
@@ -145,6 +151,8 @@ def read_rows(client: Any, rows_key: str, schema: pa.Schema) -> pa.Table:
 def _scalar(value: bytes, type_: pa.DataType) -> Any:
     if pa.types.is_list(type_):
         return json.loads(value)
+    if pa.types.is_boolean(type_):
+        return value == b"1"
     if pa.types.is_integer(type_) or pa.types.is_timestamp(type_):
         return int(value)
     if pa.types.is_floating(type_):
