@@ -143,7 +143,7 @@ def test_a_poison_shard_is_set_aside_and_retried_after_the_fix(redis_url, redis_
 
         poison.unlink()  # the cause is fixed (more memory, a bad image removed)
         retried = batchinfer("retry", job_id, broker=redis_url)
-        assert "requeued 1 shards" in retried.stderr
+        assert "requeued 1 shard of" in retried.stderr
         exactly_once(collect_all(job_id, tmp_path / "rows.parquet", redis_url), images)
         assert batchinfer("status", job_id, broker=redis_url).returncode == 0
         assert not list((tmp_path / "out").glob(".*.tmp")), "the killed attempts' temporary files are gone"
