@@ -181,20 +181,23 @@ def test_transient_output_failure_backs_off_and_succeeds(redis_url, redis_client
     images = probe_model.make_images(tmp_path / "in", 4)
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
+    # submit checks the output before any work
+    down = batchinfer("submit", str(tmp_path / "in"), "--output", str(blocker), "--weights", "none",
+                      broker=redis_url, check=False)
+    assert down.returncode == 2 and "is a file, not a folder" in down.stderr and not down.stdout
+    blocker.unlink()
+    # the shard lists go elsewhere, so the job starts; then the output is blocked on the worker's side
+    job_id = submit_probe(tmp_path / "in", probe, redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
+    blocker.write_text("a file where the output folder should be")
     w = start_probe_worker(redis_url, tmp_path, "patient", BATCHINFER_RETRY_BACKOFF="3")
     try:
-        # the shard lists go elsewhere: next to the output they would fail the submit itself (tested below)
-        down = batchinfer("submit", str(tmp_path / "in"), "--output", str(blocker), "--weights", "none",
-                          broker=redis_url, check=False)
-        assert down.returncode == 1 and "cannot write shard lists" in down.stderr and "--resume" in down.stderr
-        job_id = submit_probe(tmp_path / "in", probe, redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
         store = RedisJobStore.from_url(redis_url)
         wait_until(lambda: store.get_job(job_id, shards=True).shards[0].get("reason"), 120, "a failed attempt")
         assert store.get_job(job_id).count("pending") == 1, "waiting for its retry, not failed"
         blocker.unlink()
         exactly_once(collect_all(job_id, tmp_path / "rows.parquet", redis_url), images)
         assert store.get_job(job_id, shards=True).shards[0]["attempts"] >= 2
-        assert "] retry: attempt 1 failed: FileExistsError" in w.text(), "Celery shows the attempt as RETRY"
+        assert "] retry: attempt 1 failed: ShardError: cannot write to" in w.text(), "Celery shows the attempt as RETRY"
     finally:
         w.stop()
 

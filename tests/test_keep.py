@@ -179,7 +179,7 @@ def test_an_incremental_run_gives_reused_rows_the_manifests_current_values(tmp_p
     night2 = tmp_path / "night2.parquet"
     run = batchinfer("run", str(tmp_path / "m.parquet"), "--keep-columns", "caption", "--output", str(night2),
                      "--skip-unchanged", str(night1), "--shard-size", "2", *COMMON)
-    assert "processed 1 images, reused 4 rows" in run.stderr
+    assert "processed 1 image, reused 4 rows" in run.stderr
     schema = pq.read_schema(night2)
     assert schema.names == [n for n in pq.read_schema(night1).names if n != "id"], "carried and processed alike"
     _check(_parquet_rows(night2), manifest)

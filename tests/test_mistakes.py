@@ -271,17 +271,20 @@ def test_help_states_defaults_and_task_choices(cli):
 
 
 
-def test_a_worker_that_cannot_write_the_output_fails_the_shard_at_once(redis_url, redis_client, probe, tmp_path):
-    """The output folder became a file after submit (a mount missing on that worker, say): the shard fails
-    on its first attempt with that one reason, before the model is loaded, instead of retrying."""
+def test_a_worker_that_cannot_write_the_output_says_so_before_loading_the_model(redis_url, redis_client, probe,
+                                                                               tmp_path):
+    """The output folder became a file after submit (say a mount missing on that worker): each attempt fails
+    with that one reason before the model is loaded, is retried with backoff (the machine's trouble may
+    pass), and the shard is dead-lettered with the reason when attempts run out."""
     probe_model.make_images(tmp_path / "photos", 4)
     job = submit_probe(tmp_path / "photos", probe, redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
     (tmp_path / "out").write_text("not a folder any more")
-    worker = start_probe_worker(redis_url, tmp_path, "cannot-write")
+    worker = start_probe_worker(redis_url, tmp_path, "cannot-write", BATCHINFER_MAX_ATTEMPTS="2",
+                                BATCHINFER_RETRY_BACKOFF="1")
     try:
         status = wait_until(lambda: (s := batchinfer("status", job, broker=redis_url, check=False)).returncode == 1
                             and s, 120, "the shard to fail")
     finally:
         worker.stop()
-    assert "(1 attempts)" in status.stdout and "is a file, not a folder" in status.stdout, status.stdout
+    assert "(2 attempts)" in status.stdout and "is a file, not a folder" in status.stdout, status.stdout
     assert "built custom" not in worker.text(), "the model was never loaded"

@@ -17,13 +17,14 @@ from typing import Any
 
 from workers.carry import carry_shard
 from workers.contract import ShardTask
-from workers.errors import ConfigError, ShardStopped
+from workers.errors import ConfigError, ShardError, ShardStopped
 from workers.jobstate import DEAD, RUN, SKIP_RUNNING, Holder
 from workers.lease import LOST, Lease
 from workers.pipeline import ShardResult, process_shard
 from workers.settings import Settings
 from workers.sinks import sink_class
 from workers.spool import STATE, read_shard_list
+from workers.storage import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,19 @@ def committed_output(task: ShardTask, settings: Settings) -> dict[str, int] | No
         return None
 
 
+def _check_output(task: ShardTask) -> None:
+    """The output location, checked before the model loads, so a shard that cannot be written fails with
+    one clear reason. The producer checked it too: on a worker, a local folder that cannot be written is
+    this machine's trouble (a mount not there yet, a full or read-only disk), retried with backoff like
+    any transient failure; what the store itself refuses (no such bucket, access denied) fails at once."""
+    try:
+        sink_class(task.output.sink).check(task.output)
+    except ConfigError as exc:
+        if task.output.path and scheme_of(task.output.path) == "file":
+            raise ShardError(str(exc)) from exc
+        raise
+
+
 def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any], settings: Settings,
                 holder: Holder, on_batch: Callable[[int], None] | None = None) -> Outcome:
     """Run one delivery of ``task`` under the job's state machine; see the module docstring."""
@@ -123,7 +137,7 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
     token = holder.token
     with Lease(store, task.job_id, task.shard_id, token, settings.lease_seconds, settings.heartbeat_seconds) as lease:
         try:
-            sink_class(task.output.sink).check(task.output)  # one clear reason before the model loads
+            _check_output(task)
             carry = None
             if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
                 listed = (store.shard_list(task.job_id, task.shard_id) if task.uris_ref == STATE
