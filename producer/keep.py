@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from producer.sources import manifest_columns, source_kind
+from producer.sources import manifest_columns, manifest_name, source_kind
 from workers.contract import ModelSpec
 from workers.errors import ConfigError
 
@@ -56,7 +56,7 @@ def kept_columns(sources: Sequence[str], names: Sequence[str], model: ModelSpec)
     found: dict[str, list[Any]] = {name: [] for name in names}
     for source in sources:
         kind, path = source_kind(source)
-        if kind != "manifest" or not path.lower().endswith((".csv", ".parquet")):
+        if kind != "manifest" or not manifest_name(path).lower().endswith((".csv", ".parquet")):
             what = KINDS.get(kind, "a .txt manifest")
             raise ConfigError(f"--keep-columns needs CSV or Parquet manifests with those columns: {source} is {what}")
         columns = manifest_columns(path)

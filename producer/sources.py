@@ -117,6 +117,11 @@ def _web_path(uri: str) -> str:
         raise SourceError(f"{uri}: not a valid URL ({exc})") from None
 
 
+def manifest_name(path: str) -> str:
+    """What a manifest's kind is told from: its path, without a URL's query string."""
+    return _web_path(path) if is_web(path) else path
+
+
 def remote_kind(uri: str) -> str:
     """``image``, ``manifest`` or ``prefix`` (a folder), from the key's name alone: listing decides the rest.
 
@@ -189,7 +194,7 @@ def manifest_columns(path: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     try:
-        if (_web_path(path) if is_web(path) else path).lower().endswith(".csv"):
+        if manifest_name(path).lower().endswith(".csv"):
             with _text(path) as fh:
                 return {name: pa.string() for name in next(csv.reader(fh), [])}
         with _seekable(path) as fh:
@@ -234,7 +239,7 @@ def _manifest_entries(path: str, keep: Sequence[tuple[str, str]]) -> Iterator[tu
         if gone:
             raise SourceError(f"{path}: no column {gone[0]!r} to keep (has {', '.join(have) or 'no columns'})")
 
-    lower = (_web_path(path) if web else path).lower()
+    lower = manifest_name(path).lower()
     if lower.endswith(".txt"):
         missing([])
         with _text(path) as fh:
