@@ -98,9 +98,12 @@ class RedisSink(Sink):
             self.client.delete(*(temp for temp, _ in self.staged))
 
 
-def encode_row(row: dict[str, Any], shard: str, vectors: frozenset[str] | None = None) -> dict[str, Any]:
+Field = bytes | str | int | float  # what a Redis hash field holds (redis-py's EncodableT)
+
+
+def encode_row(row: dict[str, Any], shard: str, vectors: frozenset[str] | None = None) -> dict[Any, Field]:
     """A row as hash fields; ``vectors``: the feature columns (default: names starting ``features``)."""
-    out: dict[str, Any] = {"uri": row["uri"], "shard": shard}
+    out: dict[Any, Field] = {"uri": row["uri"], "shard": shard}  # Any: redis-py types keys invariantly
     for name, value in row.items():
         if name == "uri" or value is None:
             continue
