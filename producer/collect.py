@@ -129,7 +129,8 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ah
 
 class _ParquetOut:
     def __init__(self, fh: Any, metadata: dict[str, Any] | None) -> None:
-        self.path, self.metadata, self.writer = fh, metadata, None
+        self.path, self.metadata = fh, metadata
+        self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -137,7 +138,8 @@ class _ParquetOut:
             if self.metadata is not None:
                 schema = with_job_metadata(schema.remove_metadata(), self.metadata)
             self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
-        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata))
+        writer = self.writer
+        writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -155,7 +157,7 @@ class _TextOut:
     """CSV (list columns as JSON text) or JSON Lines."""
 
     def __init__(self, fh: Any, fmt: str) -> None:
-        binary = fh if isinstance(fh, io.BufferedIOBase) else io.BufferedWriter(fh, 1 << 20)
+        binary: Any = fh if isinstance(fh, io.BufferedIOBase) else io.BufferedWriter(fh, 1 << 20)
         self.fh = io.TextIOWrapper(binary, encoding="utf-8", newline="")
         self.csv = csv.writer(self.fh) if fmt == "csv" else None
         self.header = False
