@@ -13,8 +13,9 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from itertools import chain
 from typing import Any
 
@@ -102,7 +103,8 @@ def check_complete(job: JobState) -> list[str]:
     return problems
 
 
-def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8) -> Iterator[pa.Table]:
+def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8
+                 ) -> Generator[pa.Table, None, None]:
     """Each done shard's rows, in shard order; ``ahead`` shards are read on other threads meanwhile."""
     done = sorted(i for i, s in job.shards.items() if s.get("state") == DONE)
     if output.sink == "parquet":
@@ -117,14 +119,20 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ah
 
         def read(shard_id: int) -> pa.Table:
             return read_rows(redis_client, keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), schema)
-    with ThreadPoolExecutor(ahead) as pool:
-        pending: deque[Future[pa.Table]] = deque()
+    pool = ThreadPoolExecutor(ahead, thread_name_prefix="collect-read")
+    pending: deque[Future[pa.Table]] = deque()
+    try:
         for shard_id in done:
             pending.append(pool.submit(read, shard_id))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # Also when the consumer stops early (a write error, Ctrl-C) and closes us: the queued reads are
+        # dropped and the running ones joined here, not whenever the generator is collected, which can
+        # be during interpreter shutdown, with reader threads still inside Arrow.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ParquetOut:
@@ -214,9 +222,9 @@ def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     output = OutputSpec.from_dict(job.spec["output"])
-    tables = shard_tables(job, output, redis_client)
-    first = next(tables, None)
-    if first is None:
-        raise IncompleteJob(f"job {job_id} has no completed shards")
-    metadata = {k: v for k, v in read_job_metadata(first.schema).items() if k != "shard_id"} or None
-    return write_tables(chain([first], tables), path, format_for(path, fmt), metadata)
+    with closing(shard_tables(job, output, redis_client)) as tables:  # its reader threads end in here
+        first = next(tables, None)
+        if first is None:
+            raise IncompleteJob(f"job {job_id} has no completed shards")
+        metadata = {k: v for k, v in read_job_metadata(first.schema).items() if k != "shard_id"} or None
+        return write_tables(chain([first], tables), path, format_for(path, fmt), metadata)

@@ -396,6 +396,29 @@ def test_an_incremental_nightly_run_on_s3_compares_etags(s3, s3_worker, redis_ur
     assert after.loc["s3://nightly/in/cat.jpg", "etag"] != before.loc["s3://nightly/in/cat.jpg", "etag"]
 
 
+def test_an_output_on_s3_is_probed_before_any_work(s3, tmp_path):
+    """A missing bucket is one line before the model or an image; a writable one is probed with a multipart
+    upload that is aborted, so nothing is left behind."""
+    for command in (["run", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/r.parquet"],
+                    ["submit", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/", "--broker",
+                     "redis://127.0.0.1:1/0"],
+                    ["collect", "job", "--output", "s3://no-such-bucket/r.csv", "--broker", "redis://127.0.0.1:1/0"]):
+        started = time.monotonic()
+        proc = batchinfer(*command, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"batchinfer: error: cannot write to {command[command.index('--output') + 1]}: bucket 'no-such-bucket' "
+            "does not exist (NoSuchBucket)"], proc.stderr
+        assert time.monotonic() - started < 30, "no model is built first"
+
+    client = s3.client()
+    client.create_bucket(Bucket="writable")
+    storage_for("s3://writable/").check_writable("s3://writable/nightly/", folder=True)
+    storage_for("s3://writable/").check_writable("s3://writable/all.parquet", folder=False)
+    assert _keys(client, "writable") == []
+    assert not client.list_multipart_uploads(Bucket="writable").get("Uploads"), "the probe's upload is aborted"
+
+
 def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url, redis_client, tmp_path):
     """Runs last: restarting the session's server wipes what other tests uploaded."""
     (tmp_path / "empty").mkdir()
@@ -408,11 +431,14 @@ def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url,
     s3.stop()
     down = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
                       broker=redis_url, check=False)
-    assert down.returncode == 1 and "Could not connect" in down.stderr and "--resume" in down.stderr
-    assert down.stderr.strip().splitlines()[-1].startswith("batchinfer: error:"), "one line, no traceback"
-    # shard lists spooled to a local folder: the job is queued while the output store is down
+    assert down.returncode == 1 and "Could not connect" in down.stderr and not down.stdout, "checked before any job"
+    assert down.stderr.strip().splitlines() == [down.stderr.strip()], "one line, no traceback"
+    assert not RedisJobStore.from_url(redis_url).recent_jobs(5), "no job was created"
+    s3.start(seeds)
+    # shard lists spooled to a local folder; the output store goes down as soon as the job is queued
     sub = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
                      broker=redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
+    s3.stop()
     job_id = sub.stdout.strip().splitlines()[-1]
     store = RedisJobStore.from_url(redis_url)
     wait_until(lambda: any(s.get("reason") for s in store.get_job(job_id, shards=True).shards.values()), 60,
@@ -470,26 +496,3 @@ def test_collect_streams_to_s3_in_parts_without_local_staging(s3, monkeypatch):
     write_tables(iter(tables[:1]), "s3://streamed/small.csv", "csv")  # text, under one part: a single PUT
     text = client.get_object(Bucket="streamed", Key="small.csv")["Body"].read().decode()
     assert text.splitlines()[0] == "uri,features" and len(text.splitlines()) == 1001
-
-
-def test_an_output_on_s3_is_probed_before_any_work(s3, tmp_path):
-    """A missing bucket is one line before the model or an image; a writable one is probed with a multipart
-    upload that is aborted, so nothing is left behind."""
-    for command in (["run", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/r.parquet"],
-                    ["submit", str(PHOTOS), *FAST, "--output", "s3://no-such-bucket/out/", "--broker",
-                     "redis://127.0.0.1:1/0"],
-                    ["collect", "job", "--output", "s3://no-such-bucket/r.csv", "--broker", "redis://127.0.0.1:1/0"]):
-        started = time.monotonic()
-        proc = batchinfer(*command, check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.strip().splitlines() == [
-            f"batchinfer: error: cannot write to {command[command.index('--output') + 1]}: bucket 'no-such-bucket' "
-            "does not exist (NoSuchBucket)"], proc.stderr
-        assert time.monotonic() - started < 30, "no model is built first"
-
-    client = s3.client()
-    client.create_bucket(Bucket="writable")
-    storage_for("s3://writable/").check_writable("s3://writable/nightly/", folder=True)
-    storage_for("s3://writable/").check_writable("s3://writable/all.parquet", folder=False)
-    assert _keys(client, "writable") == []
-    assert not client.list_multipart_uploads(Bucket="writable").get("Uploads"), "the probe's upload is aborted"

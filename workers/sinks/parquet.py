@@ -11,7 +11,6 @@ every shard. Readers during the job see only committed shards.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from typing import Any
 
@@ -90,7 +89,7 @@ class ParquetSink(Sink):
             storage.remove_stale(uri)
         if not storage.exists(uri):
             return None
-        meta = pq.read_metadata(io.BytesIO(storage.read(uri)) if "://" in uri else storage_path(uri))
+        meta = pq.read_metadata(_source(uri))
         job = json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}"))
         if job.get("job_id") != task.job_id or meta.num_rows != len(task.uris):
             return None  # another job's file in the same folder, or a different shard layout
@@ -111,8 +110,7 @@ class ParquetSink(Sink):
             return
         base = output["path"].rstrip("/")
         done = sorted((i, r) for i, r in job.shards.items() if r.get("state") == "done")
-        schema = pq.read_schema(io.BytesIO(storage_for(shard_uri(base, done[0][0])).read(shard_uri(base, done[0][0])))
-                                ) if done else None
+        schema = read_schema(shard_uri(base, done[0][0])) if done else None
         manifest = {
             "job_id": job.job_id,
             "created": job.created,
@@ -146,6 +144,21 @@ def read_schema(uri: str) -> pa.Schema:
 
 
 def _source(uri: str) -> Any:
+    """A local path as it is; another backend's bytes copied into memory that Arrow owns.
+
+    Never a Python object (``io.BytesIO``, ``pa.py_buffer``): Arrow's Parquet scan lets go of its
+    source and of the buffers read from it on its own pool threads, after ``read_table`` has returned.
+    Releasing a Python object there takes the GIL; once the interpreter is finalizing, that thread is
+    ended inside a C++ destructor and the process aborts ("terminate called without an active
+    exception", exit 134) after the command has done its work. ``scripts/collect_loop.py`` shows it.
+    """
     if "://" not in uri or uri.startswith("file://"):
         return storage_path(uri)
-    return io.BytesIO(storage_for(uri).read(uri))
+    return pa.BufferReader(_arrow_bytes(storage_for(uri).read(uri)))
+
+
+def _arrow_bytes(data: bytes) -> pa.Buffer:
+    """``data`` copied into a buffer of Arrow's allocator (one native copy); see ``_source`` for why."""
+    buf = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(buf).write(data)
+    return buf
