@@ -26,7 +26,8 @@ def test_features_train_head_classify_reaches_90_percent(worker, redis_url, redi
     trained = batchinfer("train-head", str(features), "--output", str(model))
     assert model.exists() and "3 classes: circle, square, triangle" in trained.stderr
     sidecar = json.loads((tmp_path / "shapes.keras.json").read_text())
-    assert sidecar["labels"] == ["circle", "square", "triangle"] and sidecar["preprocess"] == "VGG16"
+    assert sidecar["labels"] == ["circle", "square", "triangle"]
+    assert sidecar["preprocess"] == "caffe", "VGG16's own: the caffe family"
 
     # 3. classify held-out images through the worker with the complete model and its own labels
     job = submit(str(tmp_path / "holdout"), "--model-path", str(model), "--output", str(tmp_path / "c"),

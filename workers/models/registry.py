@@ -169,12 +169,15 @@ def layer_name(arch: Architecture, layer: str) -> str:
     full = layer_names(arch, include_top=True)
     if layer in full:
         return layer
-    by_lower = {name.lower(): name for name in full}
+    names = full + [n for n in layer_names(arch, include_top=False) if n not in full]  # ConvNeXt's own no-top end
+    if layer in names:
+        return layer
+    by_lower = {name.lower(): name for name in names}
     if layer.lower() in by_lower:
         return by_lower[layer.lower()]
     close = [by_lower[c] for c in difflib.get_close_matches(layer.lower(), list(by_lower), n=3, cutoff=0.6)]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    listing = f"Valid layers: {', '.join(full)}" if len(full) <= 40 else f"{len(full)} layers"
+    listing = f"Valid layers: {', '.join(names)}" if len(names) <= 40 else f"{len(names)} layers"
     raise ConfigError(f"{arch.name} has no layer {layer!r}.{hint} {listing} (see: batchinfer layers {arch.name} --top)")
 
 
