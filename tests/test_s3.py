@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
+import signal
 import time
 import tracemalloc
 from pathlib import Path
@@ -435,10 +437,15 @@ def test_the_s3_server_restarted_mid_job_loses_nothing(s3, s3_worker, redis_url,
     assert down.stderr.strip().splitlines() == [down.stderr.strip()], "one line, no traceback"
     assert not RedisJobStore.from_url(redis_url).recent_jobs(5), "no job was created"
     s3.start(seeds)
-    # shard lists spooled to a local folder; the output store goes down as soon as the job is queued
-    sub = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
-                     broker=redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
-    s3.stop()
+    # shard lists spooled to a local folder; the worker is paused (SIGSTOP) until the output store is down,
+    # so no shard is written before the restart (moto comes back empty but for the seeds)
+    os.killpg(s3_worker.proc.pid, signal.SIGSTOP)
+    try:
+        sub = batchinfer("submit", str(manifest), "--output", "s3://flaky-out/run/", *FAST, "--shard-size", "2",
+                         broker=redis_url, env={"BATCHINFER_SPOOL": str(tmp_path / "spool")})
+        s3.stop()
+    finally:
+        os.killpg(s3_worker.proc.pid, signal.SIGCONT)
     job_id = sub.stdout.strip().splitlines()[-1]
     store = RedisJobStore.from_url(redis_url)
     wait_until(lambda: any(s.get("reason") for s in store.get_job(job_id, shards=True).shards.values()), 60,
