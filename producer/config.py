@@ -107,24 +107,15 @@ def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True
 def _check_weights_file(path: str, arch: Architecture, include_top: bool) -> None:
     """A weights file of another architecture (or without the classifier a classify job needs) fails here,
     before any work, with the architecture it belongs to."""
-    from workers.models.weights_file import mismatch
+    from workers.models.weights_file import is_weights_file, mismatch
 
     if not os.path.isfile(path):
         return  # missing: reported with the other files
-    if not _looks_like_weights(path):
+    if not is_weights_file(path):
         raise ConfigError(f"{path} is not a weights file (.weights.h5, .h5 or .keras; .pth for EfficientNetLite0)")
     said = mismatch(path, arch.name, include_top)
     if said:
         raise ConfigError(said)
-
-
-def _looks_like_weights(path: str) -> bool:
-    """HDF5 (.weights.h5, .h5), a zip (.keras) or a PyTorch state dict (a zip, or pickled by old torch)."""
-    import zipfile
-
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    return head.startswith(b"\x89HDF\r\n\x1a\n") or zipfile.is_zipfile(path) or path.endswith((".pth", ".pt"))
 
 
 def missing_files(spec: ModelSpec) -> list[str]:

@@ -8,6 +8,7 @@ import time
 
 from workers.errors import BrokerError, ConfigError
 from workers.redis_jobstore import RedisJobStore
+from workers.settings import redact
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -23,16 +24,6 @@ def check_job_id(job_id: str) -> str:
         raise ConfigError(f"invalid job id {job_id!r}: use letters, digits, '-', '_' and '.' (at most 128, "
                           "starting with a letter or digit)")
     return job_id
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user + ':' if user else ':'}***@{host}"
-    return url
 
 
 def connect_store(url: str, retention: float = 7 * 24 * 3600) -> RedisJobStore:

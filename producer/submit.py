@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from producer.dedupe import duplicates_line
 from producer.incremental import Previous
-from producer.jobs import check_job_id, connect_store, new_job_id, redact
+from producer.jobs import check_job_id, connect_store, new_job_id
 from producer.keep import kept_columns
 from producer.shards import ShardStream
 from producer.sources import Filters, check_sources
 from producer.words import plural
 from workers.contract import TASK_NAME, ModelSpec, OutputSpec, ShardList, message, shard_name, spec_dicts
 from workers.errors import BrokerError, ConfigError, JobExists, ShardError, SourceError
-from workers.settings import Settings, check_redis_url
+from workers.settings import Settings, check_redis_url, redact
 from workers.spool import STATE, shard_ref, spool_for, write_shard_list
 
 SPOOL_WRITERS = 16  # shard lists written at once (S3 PUTs overlap)

@@ -15,11 +15,21 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user + ':' if user else ':'}***@{host}"
+    return url
+
+
 def check_redis_url(url: str, what: str) -> str:
     """A Redis URL, or ``ConfigError`` naming where it came from (the broker and job state are Redis)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in REDIS_SCHEMES or not rest:
-        shown = url if "@" not in url else f"{scheme}://...@{url.rsplit('@', 1)[1]}"  # no password in messages
+        shown = redact(url)
         raise ConfigError(f"{what} must be a Redis URL (redis://HOST:PORT/DB, rediss:// or unix://), got {shown!r}")
     return url
 

@@ -22,6 +22,13 @@ class Match:
     include_top: bool  # saved with its classifier
 
 
+def is_weights_file(path: str) -> bool:
+    """HDF5 (.weights.h5, .h5), a zip (.keras) or a PyTorch state dict (a zip, or pickled by old torch)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return head.startswith(b"\x89HDF\r\n\x1a\n") or zipfile.is_zipfile(path) or path.endswith((".pth", ".pt"))
+
+
 def parameter_count(path: str) -> int | None:
     """The number of values stored in a Keras weights file, or None if it is not one (or unreadable)."""
     try:
