@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -287,6 +288,24 @@ def unprivileged() -> list[str]:
     return [shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
 
 
+@contextlib.contextmanager
+def reachable_by_nobody() -> Iterator[None]:
+    """Let ``nobody`` reach the checkout and its ``.venv`` for one command: CI clones into ``mktemp -d``
+    (mode 0700), so the folders above them get the others' search bit (``o+x``, no listing) until it ends."""
+    changed = []
+    for start in (ROOT, Path(sys.prefix)):
+        for folder in [start, *start.parents]:
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                folder.chmod(mode | stat.S_IXOTH)
+                changed.append((folder, mode))
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(changed):
+            folder.chmod(mode)
+
+
 @pytest.fixture
 def cli(no_tf_path):
     """``cli(*args, env=..., unprivileged=False)``: ``python -m producer.cli`` with the stubs first on its path."""
@@ -294,9 +313,10 @@ def cli(no_tf_path):
             as_nobody: bool = False) -> subprocess.CompletedProcess:
         started = time.monotonic()
         prefix = unprivileged() if as_nobody else []
-        result = subprocess.run([*prefix, sys.executable, "-m", "producer.cli", *args], cwd=ROOT,
-                                env={**_env(no_tf_path), **(env or {})}, capture_output=True, text=True,
-                                timeout=timeout)
+        with reachable_by_nobody() if prefix else contextlib.nullcontext():
+            result = subprocess.run([*prefix, sys.executable, "-m", "producer.cli", *args], cwd=ROOT,
+                                    env={**_env(no_tf_path), **(env or {})}, capture_output=True, text=True,
+                                    timeout=timeout)
         result.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
         return result
 

@@ -35,6 +35,7 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
         "task_time_limit": settings.shard_time_limit + 60,
         "worker_prefetch_multiplier": 1,  # never hold shards another idle worker could run
         "worker_concurrency": 1,  # one process per GPU; TensorFlow already uses every CPU core
+        "worker_proc_alive_timeout": 300,  # a pool process imports TensorFlow before it says it is up
         "task_ignore_result": True,  # progress lives in the job state, not in a result backend
         "task_default_queue": settings.queue,
         "task_routes": {TASK_NAME: {"queue": settings.queue}},

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery.exceptions import Retry
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_init, worker_shutting_down
 
 from workers.app import app
 from workers.attempt import FAILED, RETRYING, run_attempt
@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 class ShardFailed(ShardError):
     """The shard failed for good (dead-lettered); ``batchinfer retry`` runs it again."""
+
+
+@worker_process_init.connect
+def _import_libraries(**_: Any) -> None:
+    """TensorFlow and Keras are imported when a pool process starts, not inside its first shard: a shard's
+    time limit that fired inside an import would leave half-imported modules (``scipy``) that break every
+    later shard of the process. The model itself is still built on the first shard."""
+    from workers.models.loader import tensorflow
+
+    tensorflow()
+    import keras  # noqa: F401
 
 
 @lru_cache(maxsize=1)
