@@ -233,11 +233,12 @@ def orient(image: Any, orientation: int) -> Any:
 
 
 def model_input(predictor: Any, x: Any) -> Any:
-    """The device batch as ``predictor.predict`` takes it: its backend's own uint8 array when the predictor
-    takes device batches (it names its ``backend``), else a float32 host batch through its ``preprocess``."""
-    backend = getattr(predictor, "backend", None)
-    if backend is not None:
-        return to_backend(x, backend)
+    """The device batch as ``predictor.predict`` takes it. A predictor whose ``preprocess`` keeps uint8 batches
+    preprocesses on the device and takes its backend's tensors (``predictor.backend``, default Keras's): the
+    batch is handed over by DLPack, without a copy. One that preprocesses on the host (to float32) gets the
+    batch copied to the host and through its ``preprocess``."""
+    if predictor.preprocess(np.zeros((1, 1, 1, 3), np.uint8)).dtype == np.uint8:
+        return to_backend(x, getattr(predictor, "backend", None))
     return predictor.preprocess(to_backend(x, "numpy"))
 
 
