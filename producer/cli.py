@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from producer.config import add_model_options, model_spec_from_args
+from producer.config import add_model_options, check_runnable_here, model_spec_from_args
 from producer.keep import parse_names
 from producer.sources import Filters
 from producer.words import plural
@@ -196,6 +196,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from workers.storage import check_writable
 
     spec = model_spec_from_args(args)
+    check_runnable_here(spec)
     filters = Filters(tuple(args.include), tuple(args.exclude))
     fmt = format_for(args.output, args.format)
     keep = parse_names(args.keep_columns) if args.keep_columns is not None else ()

@@ -40,7 +40,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="caffe | tf | torch | none | an architecture name (default: the model's own; none "
                         "for --model-path unless its .json sidecar says otherwise)")
     g.add_argument("--decode", default="fast", choices=DECODES,
-                   help="fast: DCT downscale + EXIF + antialiased resize; keras: exactly keras.utils.load_img")
+                   help="fast: DCT downscale + EXIF + antialiased resize; keras: exactly keras.utils.load_img; "
+                   "gpu: nvJPEG on a CUDA GPU (needs torch and torchvision), other files as fast")
     g.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
 
@@ -116,6 +117,15 @@ def _check_weights_file(path: str, arch: Architecture, include_top: bool) -> Non
     said = mismatch(path, arch.name, include_top)
     if said:
         raise ConfigError(said)
+
+
+def check_runnable_here(spec: ModelSpec) -> None:
+    """What ``run`` (which does the work on this machine) needs of it beyond the spec: ``--decode gpu``
+    needs torch, torchvision and a CUDA GPU. ``submit`` leaves that to the workers, which check it per shard."""
+    if spec.decode == "gpu":
+        from workers.decode_gpu import check_available
+
+        check_available()
 
 
 def missing_files(spec: ModelSpec) -> list[str]:

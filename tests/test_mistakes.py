@@ -8,6 +8,7 @@ run the installed ``batchinfer`` with tiny models.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -141,6 +142,42 @@ def test_layer_names_are_case_insensitive_and_typos_get_suggestions(cli, tmp_pat
     args = build_parser().parse_args(["run", "x", "-o", "y.parquet", "--model", "EfficientNetB0", "--task",
                                       "features", "--layer", "BLOCK4C_ADD"])
     assert model_spec_from_args(args, files_must_exist=False).layers == ("block4c_add",)
+
+
+@pytest.fixture
+def torch_without_cuda(no_tf_path, tmp_path):
+    """A path with stub ``torch`` (no CUDA) and ``torchvision`` packages before the TensorFlow stubs."""
+    stubs = tmp_path / "torch-stubs"
+    (stubs / "torchvision").mkdir(parents=True)
+    (stubs / "torch").mkdir()
+    (stubs / "torch" / "__init__.py").write_text("class cuda:\n    @staticmethod\n    def is_available():\n"
+                                                 "        return False\n")
+    (stubs / "torchvision" / "__init__.py").write_text("")
+    (stubs / "torchvision" / "io.py").write_text("")
+    return f"{stubs}{os.pathsep}{no_tf_path}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
+def test_decode_gpu_without_torch_is_one_line_before_any_work(cli, tmp_path):
+    result = cli("run", str(PHOTOS), "-o", str(tmp_path / "out.csv"), "--decode", "gpu")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--decode gpu needs PyTorch and torchvision", "pip install torch torchvision")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_decode_gpu_without_cuda_is_one_line_before_any_work(cli, tmp_path, torch_without_cuda):
+    result = cli("run", str(PHOTOS), "-o", str(tmp_path / "out.csv"), "--decode", "gpu",
+                 env={"PYTHONPATH": torch_without_cuda})
+    assert result.returncode == 2
+    assert_one_line_error(result, "--decode gpu needs a CUDA GPU", "use --decode fast")
+
+
+def test_submit_leaves_the_gpu_check_to_the_workers(cli, tmp_path, torch_without_cuda):
+    """The submitting machine need not have the workers' GPU: ``submit --decode gpu`` goes on to the broker."""
+    result = cli("submit", str(PHOTOS), "--output", str(tmp_path / "out"), "--decode", "gpu", "--broker",
+                 DEAD_BROKER, env={"PYTHONPATH": torch_without_cuda})
+    line = assert_one_line_error(result)
+    assert "gpu" not in line.lower() and "127.0.0.1:1" in line
 
 
 # --- weights files ------------------------------------------------------------------------------------------

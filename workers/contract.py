@@ -19,7 +19,7 @@ TASK_NAME = "batchinfer.process_shard"
 TASKS = ("classify", "features", "classify,features")
 POOLINGS = ("avg", "max", "none")
 PREPROCESS_FAMILIES = ("caffe", "tf", "torch", "none")
-DECODES = ("fast", "keras")
+DECODES = ("fast", "keras", "gpu")
 SINKS = ("parquet", "redis")
 
 
