@@ -391,8 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchInferError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    except ImportError as exc:  # e.g. `run` on a machine without TensorFlow
-        print(f"{PROG}: error: {exc} (install it: pip install tensorflow)", file=sys.stderr)
+    except ImportError as exc:  # e.g. `run` on a machine without the Keras backend's framework
+        from workers.models.backends import install_hint
+
+        print(f"{PROG}: error: {exc} (install it: {install_hint()})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

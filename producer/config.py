@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from workers.contract import DECODES, POOLINGS, PREPROCESS_FAMILIES, TASKS, ModelSpec
+from workers.contract import DECODES, POOLINGS, PRECISIONS, PREPROCESS_FAMILIES, TASKS, ModelSpec
 from workers.errors import ConfigError
 from workers.models.registry import ARCHITECTURES, Architecture, get_architecture, layer_name, resolve_layer
 
@@ -42,6 +42,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", default="fast", choices=DECODES,
                    help="fast: DCT downscale + EXIF + antialiased resize; keras: exactly keras.utils.load_img; "
                    "gpu: nvJPEG on a CUDA GPU (needs torch and torchvision), other files as fast")
+    g.add_argument("--precision", default="float32", choices=PRECISIONS, metavar="|".join(PRECISIONS),
+                   help="compute dtype: float32 (default), or float16/bfloat16 as Keras mixed precision (float32 "
+                   "weights and outputs; faster on GPUs with tensor cores; see the README for top-1 agreement)")
     g.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
 
@@ -101,7 +104,7 @@ def model_spec_from_args(args: argparse.Namespace, files_must_exist: bool = True
         name=name, weights=resolved.get("--weights", weights), task=args.task, top_k=top_k,
         pooling=args.pooling or "avg", layers=tuple(layers), input_shape=shape, decode=args.decode,
         batch_size=args.batch_size, model_path=resolved.get("--model-path"), labels=resolved.get("--labels"),
-        preprocess=args.preprocess,
+        preprocess=args.preprocess, precision=args.precision,
     )
 
 

@@ -55,7 +55,9 @@ def _data_file(rel: str) -> bool:
 
 def differences(metadata: dict[str, Any], spec: ModelSpec) -> list[str]:
     """What the previous output's job metadata says that this job's model options contradict."""
-    wanted: dict[str, Any] = {"task": spec.task, "layers": list(spec.layers), "decode": spec.decode}
+    wanted: dict[str, Any] = {"task": spec.task, "layers": list(spec.layers), "decode": spec.decode,
+                              "precision": spec.precision}
+    metadata = {"precision": "float32", **metadata}  # written before --precision existed: float32
     if "classify" in spec.tasks:
         wanted["top_k"] = spec.top_k
     if "features" in spec.tasks:

@@ -72,10 +72,10 @@ def train_head(features: str, output: str, labels_from: str = "folder", head: st
     order = np.random.default_rng(seed).permutation(len(y))
     n_hold = int(round(len(y) * holdout))
     hold, train = order[:n_hold], order[n_hold:]
-    from workers.models.loader import tensorflow
+    from workers.models import backends
 
-    tensorflow()  # imported quietly, before Keras imports it
-    from workers.models.head import complete_model, fit_head  # TensorFlow: only when training
+    backends.load()  # the backend imported quietly, before Keras imports it
+    from workers.models.head import complete_model, fit_head  # Keras: only when training
 
     model = fit_head(x[train], y[train], len(classes), head, epochs, seed)
     report = {"classes": classes, "train_images": len(train), "holdout_images": n_hold,

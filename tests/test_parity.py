@@ -1,7 +1,8 @@
 """Parity with the seeds' reference path, for every architecture the seed documents name.
 
 Reference: ``load_img(target_size)`` -> ``img_to_array`` -> ``preprocess_input`` -> ``model.predict``.
-Ours: the shard pipeline with ``--decode keras`` and the weights loaded from a local file.
+Ours: the shard pipeline with ``--decode keras`` and the weights loaded from a local file, on whatever
+``KERAS_BACKEND`` the tests run with (``scripts/test`` runs the ``backends``-marked ones on JAX too).
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ def _free_memory():
     gc.collect()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in NAMES])
+ON_EVERY_BACKEND = {"MobileNetV2"}  # marked ``backends``: scripts/test runs it again under KERAS_BACKEND=jax
+
+
+def _marks(name: str) -> list[pytest.MarkDecorator]:
+    return [mark for mark, names in ((pytest.mark.slow, HEAVY), (pytest.mark.backends, ON_EVERY_BACKEND))
+            if name in names]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_classify_and_features_match_reference(name, weights_dir, tmp_path):
     import keras
 

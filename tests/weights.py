@@ -45,7 +45,7 @@ def _unit_variance(model, x: np.ndarray, layers: list) -> None:
     import keras
 
     for layer in layers:
-        out = np.asarray(keras.Model(model.input, layer.output)(x, training=False))
+        out = keras.ops.convert_to_numpy(keras.Model(model.input, layer.output)(x, training=False))
         weights = layer.get_weights()
         scale = 1.0 / max(float(out.std()), 1e-6)
         layer.set_weights([w * scale for w in weights])  # kernel and bias: the output scales exactly
@@ -66,7 +66,8 @@ def calibrate(model, x: np.ndarray) -> None:
     else:
         _unit_variance(model, x, _kernel_layers(model)[:-1])
 
-    features = np.asarray(keras.Model(model.input, classifier.input)(x, training=False)).reshape(len(x), -1)
+    features = keras.ops.convert_to_numpy(keras.Model(model.input, classifier.input)(x, training=False))
+    features = features.reshape(len(x), -1)
     kernel, bias = classifier.get_weights()
     logits = features @ kernel.reshape(-1, kernel.shape[-1])
     mean = logits.mean(axis=0)  # what all photos share: centring it gives each photo its own top classes

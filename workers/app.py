@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init
 
 from workers.contract import TASK_NAME
+from workers.errors import ConfigError
 from workers.recovery import recovery_step
 from workers.settings import Settings
 
@@ -59,3 +62,15 @@ app = Celery("batchinfer", include=["workers.tasks"])
 # package never reads the environment, so a bad variable is the command line's one-line error.
 app.add_defaults(lambda: celery_config(Settings.from_env()))
 app.steps["worker"].add(recovery_step())
+
+
+@worker_init.connect
+def _check_backend(**_: Any) -> None:
+    """A worker whose ``KERAS_BACKEND`` is unsupported or not installed exits at once, in one line, rather
+    than fail every shard it takes (Celery logs and ignores what a signal handler raises, but not an exit)."""
+    from workers.models.backends import check
+
+    try:
+        check()
+    except ConfigError as exc:
+        raise SystemExit(f"batchinfer worker: error: {exc}") from None

@@ -20,6 +20,7 @@ TASKS = ("classify", "features", "classify,features")
 POOLINGS = ("avg", "max", "none")
 PREPROCESS_FAMILIES = ("caffe", "tf", "torch", "none")
 DECODES = ("fast", "keras", "gpu")
+PRECISIONS = ("float32", "float16", "bfloat16")  # float16/bfloat16: Keras's mixed_* policy, float32 variables
 SINKS = ("parquet", "redis")
 
 
@@ -36,6 +37,7 @@ class ModelSpec:
     ``task`` is ``classify``, ``features`` or ``classify,features`` (one forward pass for both).
     ``layers`` are feature layers (empty: the model's last feature map); ``input_shape`` is (H, W),
     ``None`` for the model's own size. ``model_path`` replaces ``name`` for your own model files.
+    ``precision`` is the compute dtype (``PRECISIONS``); outputs are float32 whatever it is.
     """
 
     name: str = "MobileNetV2"
@@ -50,6 +52,7 @@ class ModelSpec:
     model_path: str | None = None
     labels: str | None = None
     preprocess: str | None = None
+    precision: str = "float32"
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -105,6 +105,7 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
         "pooling": spec.pooling if features else None,
         "input_size": list(predictor.input_hw),
         "decode": spec.decode,
+        "precision": spec.precision,
         "preprocess": predictor.preprocess_name,
         **_top_k(spec, predictor.top_k),
         "feature_columns": predictor.feature_columns,

@@ -1,6 +1,6 @@
 """TensorFlow's start-up chatter kept off the terminal; everything else it writes still shows.
 
-TensorFlow 2.16+ logs through absl before absl is initialised, and those lines ignore
+TensorFlow 2.16+ (and jaxlib) log through absl before absl is initialised, and those lines ignore
 ``TF_CPP_MIN_LOG_LEVEL`` ("WARNING: All log messages before absl::InitializeLog() is called ...",
 oneDNN notes, "Could not find cuda drivers", a failed ``cuInit`` on a machine without a GPU; see
 abseil-cpp PR 1957). So the import and the first device query run with file descriptor 2 pointed at a

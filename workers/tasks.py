@@ -33,13 +33,13 @@ class ShardFailed(ShardError):
 
 @worker_process_init.connect
 def _import_libraries(**_: Any) -> None:
-    """TensorFlow and Keras are imported when a pool process starts, not inside its first shard: a shard's
-    time limit that fired inside an import would leave half-imported modules (``scipy``) that break every
-    later shard of the process. The model itself is still built on the first shard."""
-    from workers.models.loader import tensorflow
+    """Keras and its backend (``KERAS_BACKEND``: TensorFlow, JAX or PyTorch) are imported when a pool process
+    starts, not inside its first shard: a shard's time limit that fired inside an import would leave
+    half-imported modules (``scipy``) that break every later shard of the process. The model itself is
+    still built on the first shard."""
+    from workers.models import backends
 
-    tensorflow()
-    import keras  # noqa: F401
+    backends.load()
 
 
 @lru_cache(maxsize=1)
@@ -49,7 +49,7 @@ def _process_state() -> tuple[Settings, RedisJobStore, Any]:
 
     settings = Settings.from_env()
     store = RedisJobStore.from_url(settings.state_url, settings.retention)
-    return settings, store, PredictorCache(settings.model_cache_size)
+    return settings, store, PredictorCache(settings.model_cache_size, settings=settings)
 
 
 @worker_shutting_down.connect

@@ -1,4 +1,4 @@
-"""Your own models: ``.keras`` files, legacy ``.h5`` files and TensorFlow SavedModel folders.
+"""Your own models: ``.keras`` files, legacy ``.h5`` files and TensorFlow SavedModel folders (TensorFlow only).
 
 A model file may have a sidecar ``<file>.json`` (``train-head`` writes one) with ``labels``,
 ``preprocess`` and ``input_shape``; flags given with the job win over it. Models load with Keras'
@@ -88,9 +88,15 @@ def load_custom(spec: ModelSpec) -> LoadedModel:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "saved_model.pb")):
             raise ConfigError(f"{path} is a folder but not a TensorFlow SavedModel (no saved_model.pb)")
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise ConfigError(f"{path} is a TensorFlow SavedModel, which runs only with KERAS_BACKEND=tensorflow "
+                              f"(this is {backend}); save the model as .keras to run it on {backend}")
         hw = hw or _savedmodel_hw(path)
         if hw is None:
             raise ConfigError(f"{path}: the SavedModel has no fixed input size; pass --input-size")
+        if spec.precision != "float32":
+            raise ConfigError(f"--precision {spec.precision} needs a .keras or .h5 model (a SavedModel runs as saved)")
         layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
         inputs = keras.Input((*hw, 3))
         out = layer(inputs)
@@ -108,6 +114,8 @@ def load_custom(spec: ModelSpec) -> LoadedModel:
         raise ConfigError(f"{path}: the model has no fixed input size; pass --input-size")
     if native and tuple(hw) != native:
         model = _rebuild_at(model, hw)
+    if spec.precision != "float32":
+        model = _at_precision(model, spec.precision)
     return LoadedModel(model, file_fingerprint(path), (int(hw[0]), int(hw[1])), sidecar, False)
 
 
@@ -123,6 +131,24 @@ def _rebuild_at(model: Any, hw: tuple[int, int]) -> Any:
     except Exception as exc:  # e.g. a Flatten -> Dense head fixed to the trained size
         raise ConfigError(f"the model cannot run at {hw[0]}x{hw[1]}: {exc}") from exc
     return clone if isinstance(clone, keras.Model) else model
+
+
+def _at_precision(model: Any, precision: str) -> Any:
+    """The same layers and weights computing in ``precision`` (a saved model's layers keep the dtype policy
+    they were saved with, so the global policy set around loading does not reach them)."""
+    import keras
+
+    policy = f"mixed_{precision}"
+
+    def clone(layer: Any) -> Any:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    try:
+        mixed = keras.models.clone_model(model, clone_function=clone)
+        mixed.set_weights(model.get_weights())
+    except Exception as exc:  # a layer whose config cannot be rebuilt with another dtype
+        raise ConfigError(f"--precision {precision}: cannot rebuild the model in {precision} ({exc})") from exc
+    return mixed
 
 
 def _savedmodel_hw(path: str) -> tuple[int, int] | None:

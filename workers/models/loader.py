@@ -1,13 +1,15 @@
-"""Build a warm, compiled predictor from a ``ModelSpec`` (imports TensorFlow; worker side only).
+"""Build a warm, compiled predictor from a ``ModelSpec`` (imports Keras and its backend; worker side only).
 
-The predictor runs the model through one ``tf.function`` traced for a fixed batch shape; the last
-batch is padded. ``model.predict`` per batch would retrace and leak memory in a long-lived worker.
-Each process keeps the most recently used predictors in a small LRU, so a worker loads a model once
-and reuses it for every later shard.
+The predictor (``workers.models.predictor``) runs the model through one function compiled for a fixed
+batch shape (``workers.models.backends``: tf.function, jax.jit or torch); the last batch is padded.
+``model.predict`` per batch would retrace and leak memory in a long-lived worker. ``--precision``
+builds the model under Keras's mixed precision policy. Each process keeps the most recently used
+predictors in a small LRU, so a worker loads a model once and reuses it for every later shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -15,6 +17,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,29 +28,15 @@ import numpy as np
 
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
+from workers.models import backends
 from workers.models.custom import load_custom, read_labels
+from workers.models.predictor import Predictor, make_forward
 from workers.models.preprocess import preprocess_family, preprocess_function
 from workers.models.registry import Architecture, get_architecture, layer_names, resolve_layer
-from workers.quiet import quiet_startup
+from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 RANDOM_SEED = 0
-
-
-@lru_cache(maxsize=1)
-def tensorflow() -> Any:
-    """Import TensorFlow once, without its start-up chatter (``workers.quiet``); let several processes
-    share a GPU by growing memory on demand."""
-    with quiet_startup():
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # the device was already initialised by another model
-            log.debug("memory growth already fixed for %s", gpu.name)
-    return tf
 
 
 @lru_cache(maxsize=1)
@@ -58,39 +47,21 @@ def imagenet_labels() -> list[str]:
     return [index[str(i)][1] for i in range(len(index))]
 
 
-@dataclass
-class Predictor:
-    """A model ready for batches: ``preprocess`` on the host, ``predict`` on the device.
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Layers built in the block compute in ``precision`` (Keras's ``mixed_float16``/``mixed_bfloat16``:
+    variables stay float32); the global policy is restored afterwards, so later models are not affected."""
+    import keras
 
-    ``feature_columns`` maps each feature output column to its dimension; ``feature_shapes`` gives
-    the unflattened shape of each (useful with ``--pooling none``).
-    """
-
-    spec: ModelSpec
-    model_name: str
-    input_hw: tuple[int, int]
-    feature_columns: dict[str, int]
-    feature_shapes: dict[str, list[int]]
-    labels: list[str] | None
-    fingerprint: str
-    _fn: Any
-    _preprocess: Any
-    preprocess_name: str = "none"  # the family that ran (caffe, tf, torch, none), for the metadata
-    top_k: int = 0  # classes per row: the requested top-k, cut to the model's class count
-
-    def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """The model's preprocessing on a float32 batch (may work in place)."""
-        return self._preprocess(x.astype(np.float32, copy=False))
-
-    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        n, batch = len(x), self.spec.batch_size
-        if n > batch:
-            raise ValueError(f"batch of {n} exceeds the compiled batch size {batch}")
-        if n < batch:
-            pad = np.zeros((batch - n, *x.shape[1:]), dtype=np.float32)
-            x = np.concatenate([x, pad])
-        out = self._fn(x)
-        return {name: value.numpy()[:n] for name, value in out.items()}
+    if precision == "float32":
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(f"mixed_{precision}")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def keras_cache_dir() -> Path:
@@ -108,9 +79,12 @@ def _imagenet_error(arch: Architecture, exc: Exception) -> ConfigError:
     )
 
 
-def _build(arch: Architecture, include_top: bool, hw: tuple[int, int], weights: str | None) -> Any:
+def _build(arch: Architecture, include_top: bool, hw: tuple[int, int], weights: str | None,
+           logits: bool = False) -> Any:
+    """``logits``: the classifier without its softmax (the predictor applies it in float32)."""
     ctor = getattr(importlib.import_module(arch.constructor_module), arch.constructor)
-    return ctor(weights=weights, include_top=include_top, input_shape=(hw[0], hw[1], 3))
+    extra = {"classifier_activation": None} if logits and include_top else {}
+    return ctor(weights=weights, include_top=include_top, input_shape=(hw[0], hw[1], 3), **extra)
 
 
 def _copy_prefix(src: Any, dst: Any) -> None:
@@ -152,17 +126,26 @@ def _weights_error(path: Path, arch: Architecture, include_top: bool, exc: Excep
     return ConfigError(f"{path} does not hold {arch.name} weights {what} ({first})")
 
 
+def _logits(spec: ModelSpec) -> bool:
+    """In mixed precision a registry classifier ends in logits and the predictor's softmax runs in float32
+    (a float16 softmax over 1000 classes loses digits); not when layers are asked for by name, which may
+    include the classifier's own output."""
+    return spec.precision != "float32" and not spec.layers
+
+
 def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include_top: bool) -> tuple[Any, str]:
-    """The Keras model for ``spec`` with its weights, and a fingerprint of those weights."""
+    """The Keras model for ``spec`` with its weights, and a fingerprint of those weights. In mixed precision
+    the classifier ends in logits, so the softmax runs in float32 (``_Graph.softmax``)."""
     import keras
 
+    logits = _logits(spec)
     weights = spec.weights
     if weights == "none":
         keras.utils.set_random_seed(RANDOM_SEED)  # every worker builds the same random model
-        return _build(arch, include_top, hw, None), f"random:seed={RANDOM_SEED}"
+        return _build(arch, include_top, hw, None, logits), f"random:seed={RANDOM_SEED}"
     if weights == "imagenet":
         try:
-            model = _build(arch, include_top, hw, "imagenet")
+            model = _build(arch, include_top, hw, "imagenet", logits)
         except ValueError as exc:
             raise ConfigError(f"{arch.name} with ImageNet weights: {exc}") from exc
         except Exception as exc:  # get_file wraps network failures in a plain Exception
@@ -178,7 +161,7 @@ def load_model(spec: ModelSpec, arch: Architecture, hw: tuple[int, int], include
     if said:
         raise ConfigError(said)
     fingerprint = file_fingerprint(str(path))
-    full = _build(arch, True, hw if include_top else (arch.default_size, arch.default_size), None)
+    full = _build(arch, True, hw if include_top else (arch.default_size, arch.default_size), None, logits)
     try:
         with warnings.catch_warnings():  # a no-top file warns about the missing head before it raises
             warnings.simplefilter("ignore", UserWarning)
@@ -234,7 +217,7 @@ def _registry_graph(spec: ModelSpec) -> _Graph:
         targets = [model.layers[last_base].output]
     labels = read_labels(spec.labels) if spec.labels else None
     return _Graph(model, arch.name, fingerprint, hw, targets, preprocess_function(spec.preprocess, arch.name),
-                  labels, softmax=False, preprocess_name=preprocess_family(spec.preprocess, arch.name))
+                  labels, softmax=_logits(spec), preprocess_name=preprocess_family(spec.preprocess, arch.name))
 
 
 def _custom_graph(spec: ModelSpec) -> _Graph:
@@ -271,17 +254,22 @@ def _feature_size(shape: Any, pooling: str) -> tuple[int, list[int]]:
     return int(np.prod(dims)), dims
 
 
-def build_predictor(spec: ModelSpec) -> Predictor:
-    """Load the model of ``spec`` and compile one call that yields every requested output."""
-    tf = tensorflow()
+def build_predictor(spec: ModelSpec, torch_compile: bool = False, expose_inputs: bool = False) -> Predictor:
+    """Load the model of ``spec`` and compile one call that yields every requested output, warmed on a
+    batch of zeros (so a precision the backend cannot run fails here, in one line).
+
+    ``torch_compile``: ``torch.compile`` the call on the torch backend. ``expose_inputs`` (tests): the
+    call also returns the device's float32 pixels and model input (``predictor.PIXELS``, ``MODEL_INPUT``).
+    """
+    backend = backends.load()
     import keras
 
-    graph = _custom_graph(spec) if spec.model_path else _registry_graph(spec)
+    with dtype_policy(spec.precision):
+        graph = _custom_graph(spec) if spec.model_path else _registry_graph(spec)
     classify = "classify" in spec.tasks
     columns = spec.feature_columns()
     outputs = ([graph.model.output] if classify else []) + (graph.feature_targets if columns else [])
     body = keras.Model(graph.model.inputs, outputs)
-    reduce = {"avg": tf.reduce_mean, "max": tf.reduce_max}.get(spec.pooling)
 
     feature_columns, feature_shapes = {}, {}
     for column, target in zip(columns, graph.feature_targets):
@@ -297,35 +285,42 @@ def build_predictor(spec: ModelSpec) -> Predictor:
         if len(labels) != classes:
             raise ConfigError(f"{len(labels)} labels for a model with {classes} classes")
 
-    def head(x: Any) -> dict[str, Any]:
-        ys = body(x, training=False)
-        ys = list(ys) if isinstance(ys, (list, tuple)) else [ys]
-        out: dict[str, Any] = {}
-        if classify:
-            probs = ys.pop(0)
-            if graph.softmax:
-                probs = tf.nn.softmax(probs)
-            top = tf.math.top_k(probs, k=k)
-            out["top_k_scores"], out["top_k_indices"] = top.values, top.indices
-        for column, y in zip(columns, ys):
-            if len(y.shape) == 4 and reduce is not None:
-                y = reduce(y, axis=[1, 2])
-            out[column] = tf.reshape(y, [tf.shape(y)[0], -1])
-        return out
+    forward = make_forward(graph.preprocess, classify, graph.softmax, k, columns, spec.pooling, expose_inputs)
+    shape = (spec.batch_size, graph.hw[0], graph.hw[1], 3)
 
-    signature = [tf.TensorSpec([spec.batch_size, graph.hw[0], graph.hw[1], 3], tf.float32)]
-    fn = tf.function(head, input_signature=signature, reduce_retracing=True)
-    log.info("built %s (%s, %s) at %dx%d", graph.name, spec.task, graph.fingerprint, *graph.hw)
-    return Predictor(spec, graph.name, graph.hw, feature_columns, feature_shapes, labels, graph.fingerprint, fn,
-                     graph.preprocess, graph.preprocess_name, k)
+    def compile_for(dtype: str) -> Any:
+        return backends.compile_forward(forward, body, shape, dtype, torch_compile)
+
+    predictor = Predictor(spec, graph.name, graph.hw, feature_columns, feature_shapes, labels, graph.fingerprint,
+                          compile_for, graph.preprocess_name, k)
+    _warm(predictor, backend)
+    log.info("built %s (%s, %s, %s on %s) at %dx%d", graph.name, spec.task, graph.fingerprint, spec.precision,
+             backend, *graph.hw)
+    return predictor
+
+
+def _warm(predictor: Predictor, backend: str) -> None:
+    """Compile for uint8 batches and run one; a precision the backend cannot run is a ``ConfigError``."""
+    precision = predictor.spec.precision
+    try:
+        predictor.predict(np.zeros((1, *predictor.input_hw, 3), np.uint8))
+    except Exception as exc:
+        if precision == "float32":
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"--precision {precision} does not run on the {backend} backend here "
+                          f"({type(exc).__name__}: {first})") from exc
 
 
 class PredictorCache:
     """A small per-process LRU of warm predictors, keyed by the model spec."""
 
-    def __init__(self, maxsize: int = 2, build: Any = None) -> None:
+    def __init__(self, maxsize: int = 2, build: Any = None, settings: Settings | None = None) -> None:
         self.maxsize = max(1, maxsize)
-        self._build = build or build_predictor
+        if build is None:
+            torch_compile = (settings or Settings.from_env()).torch_compile
+            build = lambda spec: build_predictor(spec, torch_compile=torch_compile)  # noqa: E731
+        self._build = build
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self.builds = 0
 

@@ -1,4 +1,4 @@
-"""Host-side input preprocessing: an architecture's own ``preprocess_input`` or a named family."""
+"""Input preprocessing by name: an architecture's own ``preprocess_input`` or a named family (run on the device)."""
 
 from __future__ import annotations
 
