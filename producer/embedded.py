@@ -45,6 +45,7 @@ def run(
     keep = kept_columns(sources, keep_columns, model)
     previous = Previous(skip_unchanged, model) if skip_unchanged else None
     from workers.attempt import run_shard
+    from workers.feed import feeder
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
@@ -53,7 +54,9 @@ def run(
     if total == 0:
         raise SourceError(f"no images found in {' '.join(sources)}")
     cache = PredictorCache(maxsize=1)
-    cache.get(model)  # the model first: its errors come before any progress bar, and the bar times images only
+    # the model first: its errors come before any progress bar, and the bar times images only
+    size = cache.get(model).input_hw
+    feed = feeder(settings.io_threads)
     store = MemoryJobStore()
     job_id = new_job_id()
     workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
@@ -63,7 +66,13 @@ def run(
     n_shards = count = reused = 0
     stream = ShardStream(sources, filters, shard_size, keep, previous)
     try:
-        for shard_id, listed in stream:
+        upcoming = next(stream, None)
+        while upcoming is not None:
+            shard_id, listed = upcoming
+            upcoming = next(stream, None)
+            if upcoming is not None and upcoming[1].carry is None:  # it loads while this shard's last batches run
+                feed.announce(ShardTask(job_id, upcoming[0], upcoming[1].uris, model, out_spec,
+                                        columns=upcoming[1].columns), size)
             store.add_shard(job_id, shard_id, listed.uris)
             task = ShardTask(job_id, shard_id, listed.uris, model, out_spec, columns=listed.columns)
             if listed.carry is not None:  # the worker reads a carry shard's list from the spool, as on a cluster
@@ -86,6 +95,7 @@ def run(
                   file=sys.stderr)
         rows = collect(store, job_id, output, fmt, allow_partial=allow_partial, progress=False)
     finally:
+        feed.cancel_announced()
         bar.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return job_id, rows

@@ -7,13 +7,22 @@ repository's own, as crops, flips and rescales, saved as large JPEGs so the DCT 
 reports how often top-1 agrees between:
   fast vs full   --decode fast vs decoding at full resolution and resizing with the same filter
   fast vs keras  --decode fast vs --decode keras (keras.utils.load_img: nearest-neighbour resize)
+
+    .venv/bin/python scripts/fidelity.py --choices
+
+compares instead each DCT-scaling factor and ``reducing_gap`` tried for ``fast`` (the README's table):
+top-1 agreement with the full decode, and decode milliseconds per camera-sized (1024x768) JPEG.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import json
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,5 +104,64 @@ def measure(seeds: tuple[int, ...] = (0, 1)) -> dict[str, float | int]:
             "fast_vs_keras": float((fast == keras_mode).mean()), "full_vs_keras": float((full == keras_mode).mean())}
 
 
+# (draft factor, reducing_gap) pairs compared by --choices; None: the full decode itself (the reference)
+CHOICES: list[tuple[float | None, float | None]] = [
+    (None, None), (4.0, None), (4.0, 3.0), (4.0, 2.0), (3.0, None), (2.5, None), (2.0, None), (1.5, None),
+    (1.0, None)]
+
+
+def camera_jpegs(count: int = 64, size: tuple[int, int] = (1024, 768)) -> list[bytes]:
+    """``count`` JPEGs of ``size`` (quality 90) made from the real photos, for decode timing."""
+    photos = source_photos()
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        photos[i % len(photos)].resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7) -> list[dict[str, float | None]]:
+    """Each of ``CHOICES``: top-1 agreement with the full decode, and the median over ``rounds`` of the
+    milliseconds one thread takes per 1024x768 JPEG (the choices interleaved, so a busy machine slows
+    them alike)."""
+    from workers.decode import decode_fast
+    from workers.models.efficientnet_lite import EfficientNetLite0, preprocess_input
+
+    model = EfficientNetLite0(weights="imagenet")
+    images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
+    size = (224, 224)
+
+    def decoder(factor: float | None, gap: float | None) -> Callable[[bytes], np.ndarray]:
+        if factor is None:
+            return lambda data: decode_fast(data, size, dct_scaling=False).array
+        return lambda data: decode_fast(data, size, draft_factor=factor, reducing_gap=gap).array
+
+    full = top1(model, preprocess_input, [decoder(None, None)(d) for d in images])
+    camera = camera_jpegs()
+    rows: list[dict[str, float | None]] = []
+    for factor, gap in CHOICES:
+        fast = top1(model, preprocess_input, [decoder(factor, gap)(d) for d in images])
+        rows.append({"draft_factor": factor, "reducing_gap": gap, "agreement": round(float((fast == full).mean()), 4),
+                     "disagree": int((fast != full).sum()), "images": len(images)})
+    times: list[list[float]] = [[] for _ in CHOICES]
+    for _ in range(rounds):
+        for i, (factor, gap) in enumerate(CHOICES):
+            decode = decoder(factor, gap)
+            start = time.perf_counter()
+            for data in camera:
+                decode(data)
+            times[i].append((time.perf_counter() - start) * 1000 / len(camera))
+    for row, ms in zip(rows, times):
+        row["ms_per_1024x768"] = round(statistics.median(ms), 2)
+        print(json.dumps(row))
+    return rows
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure()))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--choices", action="store_true", help="compare the DCT-scaling and reducing_gap choices")
+    if ap.parse_args().choices:
+        measure_choices()
+    else:
+        print(json.dumps(measure()))

@@ -311,3 +311,83 @@ def test_fast_mode_decodes_big_jpeg_at_reduced_scale(big_jpeg, monkeypatch):
 
     want = 2048 // max(k for k in (1, 2, 4, 8) if 2048 // k >= DRAFT_FACTOR * 224)
     assert resized_from and max(max(s) for s in resized_from) == want < 2048, resized_from
+
+
+# --- DCT scaling: as far as the target allows, in the image's own aspect and orientation -------------
+
+
+def _camera_jpeg(orientation: int | None = None) -> bytes:
+    """A 1024x768 JPEG (stored), left half red and right half blue, optionally with an EXIF Orientation."""
+    img = Image.new("RGB", (1024, 768), BLUE)
+    img.paste(RED, (0, 0, 512, 768))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def resized_from(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image ``resize`` is called on (what the decoder handed over)."""
+    sizes: list[tuple[int, int]] = []
+    original_resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        sizes.append(self.size)
+        return original_resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((224, 224), (1024, 768)),  # 768 / 2 < 4 x 224: decoded whole, as fidelity needs (README table)
+    ((96, 128), (512, 384)),  # 512x384 still covers 4 x (128, 96): half scale
+    ((48, 64), (256, 192)),  # a quarter
+    ((128, 96), (1024, 768)),  # a portrait target on a landscape image: 768 / 2 < 4 x 128
+])
+def test_camera_jpeg_decodes_at_the_scale_its_own_aspect_allows(resized_from, size, expected):
+    decoded = decode_fast(_camera_jpeg(), size)
+    assert resized_from == [expected]
+    assert decoded.array.shape == (*size, 3) and (decoded.width, decoded.height) == (1024, 768)
+    half = size[1] // 2
+    assert _close(decoded.array[:, : half - 3], RED, atol=12) and _close(decoded.array[:, half + 3 :], BLUE, atol=12)
+
+
+def test_exif_rotated_camera_jpeg_decodes_at_reduced_scale_and_upright(resized_from):
+    # stored 1024x768 with Orientation=6: displayed 768x1024, red on top. A portrait target of 128x96
+    # (height x width) asks 4 x (96, 128) of the stored image, which its half scale covers; asking the
+    # square (512, 512) as before, so either turn would fit, forced a full decode (768 / 2 < 512)
+    decoded = decode_fast(_camera_jpeg(orientation=6), (128, 96))
+    assert resized_from == [(512, 384)]
+    assert decoded.array.shape == (128, 96, 3) and (decoded.width, decoded.height) == (1024, 768)
+    assert _close(decoded.array[: 64 - 3], RED, atol=12) and _close(decoded.array[64 + 3 :], BLUE, atol=12)
+
+
+def test_smaller_draft_factor_decodes_camera_jpeg_at_half_scale(resized_from):
+    decoded = decode_fast(_camera_jpeg(), (224, 224), draft_factor=1.5)
+    assert resized_from == [(512, 384)] and decoded.array.shape == (224, 224, 3)
+
+
+def test_draft_request_follows_exif_orientation():
+    from workers.decode import draft_request
+
+    assert draft_request((96, 128), 1, 4) == (512, 384)
+    assert draft_request((96, 128), 6, 4) == (384, 512)  # the stored image is turned a quarter afterwards
+    assert draft_request((96, 128), 3, 4) == (512, 384)  # a half turn keeps the aspect
+    assert draft_request((224, 224), 1, 1.5) == (336, 336)
+
+
+def test_reduced_scale_keeps_the_geometry_of_an_odd_sized_jpeg():
+    # 161x121 at 1/8 scale is 21x16 pixels covering 20.125x15.125 source pixels: resizing that exact box
+    # (not the whole 21x16) keeps a ramp where a full decode puts it (without the box: MAD 3.7)
+    w, h = 8 * 20 + 1, 8 * 15 + 1
+    ramp = np.tile(np.linspace(0, 255, w), (h, 1))
+    img = Image.fromarray(np.stack([ramp, ramp[:, ::-1], np.full_like(ramp, 128)], -1).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    fast = decode_fast(buf.getvalue(), (15, 20), draft_factor=1).array.astype(np.float64)
+    full = decode_fast(buf.getvalue(), (15, 20), dct_scaling=False).array.astype(np.float64)
+    assert np.abs(fast - full).mean() < 1.0

@@ -65,3 +65,27 @@ def test_predictor_cache_is_a_small_lru():
     a, b, c = ModelSpec(name="A"), ModelSpec(name="B"), ModelSpec(name="C")
     assert [cache.get(s) for s in (a, a, b, a, c, a, b)] == ["A", "A", "B", "A", "C", "A", "B"]
     assert built == ["A", "B", "C", "B"], "A stays warm; B was evicted by C and rebuilt"
+
+
+def test_run_loads_each_next_shard_while_the_current_one_finishes(tmp_path, monkeypatch):
+    """In-process, with a fake model: every shard after the first was already loading when it started."""
+    from producer.embedded import run
+    from tests.fakes import FakeCache
+    from workers.feed import feeder
+    from workers.settings import Settings
+
+    monkeypatch.setattr("workers.models.loader.PredictorCache", FakeCache)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = sorted(p.name for p in PHOTOS.iterdir())
+    for i in range(3):
+        for name in names:
+            (folder / f"{i}{name}").write_bytes((PHOTOS / name).read_bytes())
+    feed = feeder(Settings.from_env().io_threads)
+    before = feed.started_early
+    _, rows = run([str(folder)], ModelSpec(weights="none", batch_size=2), str(tmp_path / "out.parquet"),
+                  shard_size=4, progress=False)
+    assert rows == 3 * len(names) == 15
+    assert feed.started_early - before == 3, "shards 1, 2 and 3 of 0..3 started early"
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(frame["uri"]) == sorted(str(p) for p in folder.iterdir()) and frame["error"].isna().all()

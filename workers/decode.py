@@ -3,9 +3,11 @@
 ``keras`` reproduces the reference path exactly: ``keras.utils.load_img(target_size=(H, W))``
 (Pillow ``convert("RGB")`` and a nearest-neighbour resize) then ``img_to_array``.
 
-``fast`` (the default) is quicker and more faithful to the photo: JPEGs are decoded at a reduced
-scale in the DCT domain (Pillow ``draft``), EXIF orientation is applied, transparency is composited
-on white, 16-bit images are scaled to 8 bits (not clipped) and the resize is antialiased bilinear.
+``fast`` (the default) is quicker and more faithful to the photo: large JPEGs are decoded at a reduced
+scale in the DCT domain (Pillow ``draft``, only as far as top-1 stays faithful: ``DRAFT_FACTOR``), EXIF
+orientation is applied, transparency is composited on white, 16-bit images are scaled to 8 bits (not
+clipped) and the resize is antialiased bilinear. No full-size copy is made: an image is resized in its
+stored orientation and the small result turned upright.
 
 Both keep Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): a larger image is an
 error row, not an allocation of gigabytes.
@@ -14,16 +16,24 @@ error row, not an allocation of gigabytes.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from workers.errors import DecodeError
 
-# JPEGs are DCT-decoded at no less than this many times the input size; the antialiased resize does
-# the rest. 1 is fastest; larger is closer to a full decode (scripts/fidelity.py measures top-1 agreement).
-DRAFT_FACTOR = 4
+# JPEGs are DCT-decoded at the smallest 1/2^k scale that keeps this many times the input size in both
+# dimensions (as the image will stand after EXIF rotation); the antialiased resize does the rest. 1 is
+# fastest, larger is closer to a full decode: 4 is the smallest factor measured whose top-1 agrees with a
+# full decode on >= 99 % of real photos (README, "Fidelity of --decode fast", has every choice measured).
+DRAFT_FACTOR = 4.0
+ORIENTATION = 0x0112  # the EXIF tag, and the transposition that shows each of its values upright
+_T = Image.Transpose
+_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE, 6: _T.ROTATE_270,
+              7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+_ROTATIONS = {_T.TRANSPOSE, _T.ROTATE_270, _T.TRANSVERSE, _T.ROTATE_90}  # width and height swap
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when reducing, as every Pillow filter but NEAREST
 
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -75,30 +85,51 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_fast(data: bytes, size: tuple[int, int], dct_scaling: bool = True) -> Decoded:
+def draft_request(size: tuple[int, int], orientation: int, factor: float) -> tuple[int, int]:
+    """The (width, height) to ask ``Image.draft`` for: ``factor`` x ``size`` = (height, width), in the
+    stored orientation of an image whose EXIF ``orientation`` will turn it afterwards."""
+    height, width = size
+    if _TRANSPOSE.get(orientation) in _ROTATIONS:
+        height, width = width, height
+    return math.ceil(factor * width), math.ceil(factor * height)
+
+
+def decode_fast(data: bytes, size: tuple[int, int], dct_scaling: bool = True, *,
+                draft_factor: float | None = None, reducing_gap: float | None = None) -> Decoded:
     """Decode for inference at ``size`` = (height, width); see the module docstring.
 
-    ``dct_scaling=False`` decodes JPEGs at full resolution first (the reference the shortcut is
-    measured against; see ``scripts/fidelity.py``)."""
+    ``dct_scaling=False`` decodes JPEGs at full resolution and resizes with the filter alone, no box
+    reduce (the reference the shortcuts are measured against; see ``scripts/fidelity.py``).
+    ``draft_factor`` (default ``DRAFT_FACTOR``) and ``reducing_gap`` (Pillow's box reduce before the
+    filter; off, as it flipped 2-3 % of top-1 labels) are there for those measurements."""
     height, width = size
+    draft_factor = DRAFT_FACTOR if draft_factor is None else draft_factor
     img = _open(data)
     orig_w, orig_h = img.size
+    box = None
     try:
         img.seek(0)  # animated GIF/WebP/PNG: first frame
-        # EXIF may rotate by 90 degrees, so ask for the larger side both ways; and keep at least twice the
-        # target so the antialiased resize, not the DCT box filter, does the last halving (top-1 fidelity)
-        side = DRAFT_FACTOR * max(height, width)
-        if dct_scaling:
-            img.draft("RGB", (side, side))  # JPEG only: DCT-domain downscale by 1/2, 1/4 or 1/8
-        img = ImageOps.exif_transpose(img)
+        if dct_scaling and img.format == "JPEG":  # a JPEG's EXIF is read with its header, before decoding
+            drafted = img.draft("RGB", draft_request(size, _orientation(img), draft_factor))
+            box = drafted[1] if drafted else None  # the source area exactly, when the scaled size rounded up
+        img.load()
+        turn = _TRANSPOSE.get(_orientation(img))  # after loading: a PNG may keep its EXIF after the pixels
         img = _to_rgb(img)
-        img = img.resize((width, height), RESAMPLE)
+        # resize first in the stored orientation, then turn the small image (no copy of a large upright one)
+        out = (height, width) if turn in _ROTATIONS else (width, height)
+        img = img.resize(out, RESAMPLE, box=box, reducing_gap=reducing_gap if dct_scaling else None)
+        if turn is not None:
+            img = img.transpose(turn)
         array = np.asarray(img, dtype=np.uint8)
     except DecodeError:
         raise
     except Exception as exc:  # untrusted bytes: any decoder failure is this image's error row
         raise DecodeError(_describe(exc)) from exc
     return Decoded(array, orig_w, orig_h)
+
+
+def _orientation(img: Image.Image) -> int:
+    return int(img.getexif().get(ORIENTATION, 1) or 1)
 
 
 def decode_keras(data: bytes, size: tuple[int, int]) -> Decoded:

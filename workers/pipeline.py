@@ -1,18 +1,18 @@
 """Process one shard: read -> decode -> predict -> write, each stage timed.
 
-Reading and decoding run on a thread pool (Pillow and file I/O release the GIL) and stay up to
-``prefetch`` batches ahead of the model, so the next batch is ready while the current one runs.
-``process_shard`` is a plain function: the Celery task and the embedded ``batchinfer run`` both
-call it through ``workers.attempt.run_attempt``, which records the shard's state around it.
+Reading and decoding run on the process's thread pool (``workers.feed``: Pillow and file I/O release
+the GIL) and stay a few batches ahead of the model, so the next batch is ready while the current one
+runs, across shards too. ``process_shard`` is a plain function: the Celery task and the embedded
+``batchinfer run`` both call it through ``workers.attempt.run_attempt``, which records the shard's
+state around it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +20,12 @@ import numpy as np
 
 from workers import __version__
 from workers.contract import ShardTask
-from workers.decode import DECODERS, Decoded
-from workers.errors import ConfigError, DecodeError, ShardError, ShardStopped
+from workers.errors import ConfigError, ShardStopped
+from workers.feed import Feeder, feeder
+from workers.feed import load as _load  # noqa: F401  (one image's read and decode, as tests call it)
 from workers.schema import build_batch, kept_arrays, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
-from workers.storage import storage_for
-from workers.storage.base import FileInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,55 +39,6 @@ class ShardResult:
     images: int
     errors: int
     timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Loaded:
-    uri: str
-    image: Decoded | None
-    error: str | None
-    seconds: float
-    info: FileInfo | None = None  # the version of the file that was read (size, mtime, ETag)
-
-
-def _load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int]) -> _Loaded:
-    """Read and decode one image; any failure of the image becomes its error row.
-
-    A storage that fails as a whole (no such bucket, bad credentials, endpoint down) raises
-    ``ShardError`` instead, which fails the shard rather than writing one error row per image.
-    """
-    start = time.perf_counter()
-    try:
-        data, info = storage_for(uri).read_info(uri)
-    except FileNotFoundError:
-        return _Loaded(uri, None, "file not found", time.perf_counter() - start)
-    except OSError as exc:
-        return _Loaded(uri, None, f"cannot read: {exc.strerror or exc}", time.perf_counter() - start)
-    try:
-        image = decode(data, size)
-    except DecodeError as exc:
-        return _Loaded(uri, None, str(exc), time.perf_counter() - start, info)
-    return _Loaded(uri, image, None, time.perf_counter() - start, info)
-
-
-def prefetched_batches(
-    uris: Sequence[str], batch_size: int, load: Callable[[str], _Loaded], pool: ThreadPoolExecutor,
-    prefetch: int = 2,
-) -> Iterator[list[_Loaded]]:
-    """Yield loaded batches in input order, keeping ``prefetch`` batches in flight (bounded memory)."""
-    chunks = (uris[i:i + batch_size] for i in range(0, len(uris), batch_size))
-    pending: deque[list[Future[_Loaded]]] = deque()
-    try:
-        for chunk in chunks:
-            pending.append([pool.submit(load, uri) for uri in chunk])
-            if len(pending) > prefetch:
-                yield [f.result() for f in pending.popleft()]
-        while pending:
-            yield [f.result() for f in pending.popleft()]
-    finally:  # the shard failed (or stopped early): do not read what nobody will use
-        for futures in pending:
-            for f in futures:
-                f.cancel()
 
 
 def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
@@ -143,12 +93,13 @@ def check_kept(task: ShardTask) -> None:
 
 def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
                   should_stop: Callable[[], str | None] | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> ShardResult:
+                  on_batch: Callable[[int], None] | None = None, feed: Feeder | None = None) -> ShardResult:
     """Run one shard through ``predictor`` into its sink; return counts and stage timings.
 
     ``should_stop`` is asked before each batch; a reason makes it raise ``ShardStopped``, and the sink
     discards what it wrote (nothing of the shard is committed). ``on_batch(n)`` is told each batch's
-    image count (a progress bar).
+    image count (a progress bar). Images load through ``feed``, by default this process's feeder with
+    ``settings.io_threads`` threads, which may have started on this shard already (``Feeder.announce``).
     """
     settings = settings or Settings.from_env()
     spec = task.model
@@ -156,8 +107,8 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
         return _process_shard_gpu(task, predictor, settings, should_stop, on_batch)
     check_kept(task)
     kept = {name: task.columns[name] for name in task.output.keep_names}
-    decode = DECODERS[spec.decode]
     size = predictor.input_hw
+    feed = feed or feeder(settings.io_threads)
     schema = with_job_metadata(
         output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns,
                       keep=task.output.keep_columns),
@@ -167,19 +118,8 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     images = errors = 0
     start = time.perf_counter()
 
-    broken: list[ShardError | ConfigError] = []
-
-    def load(uri: str) -> _Loaded:
-        if broken:  # the storage already failed as a whole: fail fast instead of retrying every image
-            raise broken[0]
-        try:
-            return _load(uri, decode, size)
-        except (ShardError, ConfigError) as exc:
-            broken.append(exc)
-            raise
-
-    with open_sink(task, schema, settings) as sink, ThreadPoolExecutor(settings.io_threads) as pool:
-        batches = prefetched_batches(task.uris, spec.batch_size, load, pool)
+    batches = feed.batches(task, size)
+    with open_sink(task, schema, settings) as sink, closing(batches):  # a stop cancels the loads not started
         while True:
             reason = should_stop() if should_stop else None
             if reason:
