@@ -203,13 +203,11 @@ class FakePredictor:
     feature_shapes: dict[str, list[int]] = {}
     labels = [f"class_{i}" for i in range(256)]
 
-    def __init__(self, spec: ModelSpec, on_device: bool) -> None:
-        self.spec, self.input_hw, self.seen, self.on_device = spec, SIZE, [], on_device
-        self.backend = "numpy"  # what to_backend hands it (a real one: its Keras backend's tensors)
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec, self.input_hw, self.seen = spec, SIZE, []
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """Like the device-side predictor, only the dtype on the host; else the host-side float32 path."""
-        return x if self.on_device else x.astype(np.float32)
+        raise AssertionError("a device batch goes to predict as it is")
 
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         self.seen.append(x.dtype)
@@ -217,8 +215,7 @@ class FakePredictor:
         return {"top_k_indices": means.astype(np.int32)[:, None], "top_k_scores": np.ones((len(x), 1), np.float32)}
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-def test_process_shard_gpu_branch_writes_rows_in_order(tmp_path, monkeypatch, on_device):
+def test_process_shard_gpu_branch_writes_rows_in_order(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "in")
     fake = FakeDevice(refuse=(_bad_scan_jpeg(),))
     (tmp_path / "in" / "bad.jpg").write_bytes(_bad_scan_jpeg())
@@ -228,7 +225,7 @@ def test_process_shard_gpu_branch_writes_rows_in_order(tmp_path, monkeypatch, on
     monkeypatch.setattr(decode_gpu, "batch_decoder", lambda size, map_fn=map, device=None: BatchDecoder(
         size, fake.decode_many, np.stack, map_fn=map_fn))
     spec = ModelSpec(name="MobileNetV2", batch_size=4, decode="gpu", top_k=1)
-    predictor = FakePredictor(spec, on_device)
+    predictor = FakePredictor(spec)
     task = ShardTask("job", 0, uris, spec, OutputSpec(path=str(tmp_path / "out")))
     result = process_shard(task, predictor, Settings(io_threads=2))
     table = pq.read_table(tmp_path / "out").to_pandas()
@@ -243,7 +240,7 @@ def test_process_shard_gpu_branch_writes_rows_in_order(tmp_path, monkeypatch, on
     assert [labels[f"p{i}.jpg"] for i in range(3)] == ["class_50", "class_51", "class_52"]
     assert result.images == len(uris) and result.errors == len(HOSTILE) + 2
     assert set(result.timings) >= {"read_decode", "wait", "predict", "write", "total"}
-    assert set(predictor.seen) == ({np.dtype(np.uint8)} if on_device else {np.dtype(np.float32)})
+    assert set(predictor.seen) == {np.dtype(np.uint8)}  # the device batch, straight to the model
 
 
 def test_worker_without_torch_or_cuda_fails_the_shard_as_a_config_error(tmp_path):
@@ -252,7 +249,7 @@ def test_worker_without_torch_or_cuda_fails_the_shard_as_a_config_error(tmp_path
     spec = ModelSpec(decode="gpu")
     task = ShardTask("job", 0, [str(PHOTOS / "cat.jpg")], spec, OutputSpec(path=str(tmp_path / "out")))
     with pytest.raises(ConfigError, match=r"^--decode gpu needs (PyTorch and torchvision|a CUDA GPU)"):
-        process_shard(task, FakePredictor(spec, True), Settings())
+        process_shard(task, FakePredictor(spec), Settings())
     assert not (tmp_path / "out").exists()  # before the sink was opened
 
 
@@ -322,21 +319,6 @@ def _cpu_error_at(data: bytes, size: tuple[int, int]) -> str:
     with pytest.raises(DecodeError) as info:
         decode_fast(data, size)
     return str(info.value)
-
-
-@torchvision_missing
-def test_to_backend_keeps_dtype_and_values():
-    import torch
-
-    x = torch.arange(2 * 3 * 4 * 3, dtype=torch.int64).reshape(2, 3, 4, 3).to(torch.uint8)
-    assert decode_gpu.to_backend(x, "torch") is x
-    np.testing.assert_array_equal(decode_gpu.to_backend(x, "numpy"), x.numpy())
-    for backend in ("jax", "tensorflow"):
-        if importlib.util.find_spec(backend) is None:
-            continue
-        y = decode_gpu.to_backend(x, backend)
-        assert str(y.dtype) == "uint8" or getattr(y.dtype, "name", "") == "uint8", backend
-        np.testing.assert_array_equal(np.asarray(y), x.numpy())
 
 
 @torchvision_missing

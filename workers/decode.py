@@ -154,3 +154,15 @@ def _describe(exc: BaseException) -> str:
 
 
 DECODERS = {"fast": decode_fast, "keras": decode_keras}
+
+
+@dataclass
+class Encoded(Decoded):
+    """A file's bytes, read by the pool and left for the batch decoder on the device (``--decode gpu``)."""
+
+    data: bytes = b""
+
+
+def keep_encoded(data: bytes, size: tuple[int, int]) -> Decoded:
+    """``--decode gpu``'s stand-in for a decoder: the pool only reads; ``workers.decode_gpu`` decodes the batch."""
+    return Encoded(np.empty((0, 0, 3), np.uint8), 0, 0, data)

@@ -2,8 +2,8 @@
 
 One torchvision call decodes a whole batch of JPEGs with nvJPEG (``decode_jpeg(list, device="cuda")``); the
 EXIF orientation and the antialiased bilinear resize of the ``fast`` decoder run on the device too, and the
-batch reaches the model without a trip through the host (``to_backend``: as is for torch, DLPack for JAX
-and TensorFlow). Whatever nvJPEG should not or cannot decode goes, one image at a time, to the CPU decoder
+batch reaches the model without a trip through the host (``Predictor.predict`` takes it as is on torch, by
+DLPack on JAX and TensorFlow). Whatever nvJPEG should not or cannot decode goes, one image at a time, to the CPU decoder
 (``workers.decode.decode_fast``), whose rows it then is, error messages included: files that are not JPEG,
 CMYK, 12-bit, arithmetic-coded or cut-off JPEGs, images over Pillow's decompression-bomb limit (read from the
 header, before any decode) and any image nvJPEG refuses. nvJPEG fails a batch as a whole on one bad image,
@@ -230,37 +230,3 @@ def orient(image: Any, orientation: int) -> Any:
     if orientation == 8:
         return image.rot90(1, hw)
     return image
-
-
-def model_input(predictor: Any, x: Any) -> Any:
-    """The device batch as ``predictor.predict`` takes it. A predictor whose ``preprocess`` keeps uint8 batches
-    preprocesses on the device and takes its backend's tensors (``predictor.backend``, default Keras's): the
-    batch is handed over by DLPack, without a copy. One that preprocesses on the host (to float32) gets the
-    batch copied to the host and through its ``preprocess``."""
-    if predictor.preprocess(np.zeros((1, 1, 1, 3), np.uint8)).dtype == np.uint8:
-        return to_backend(x, getattr(predictor, "backend", None))
-    return predictor.preprocess(to_backend(x, "numpy"))
-
-
-def to_backend(tensor: Any, backend: str | None = None) -> Any:
-    """A torch tensor as the Keras backend's own array on the same device, without a copy (DLPack).
-
-    ``backend`` defaults to Keras's (``KERAS_BACKEND``); ``numpy`` copies to the host."""
-    if backend is None:
-        import keras
-
-        backend = keras.backend.backend()
-    if backend == "torch":
-        return tensor
-    if backend == "jax":
-        import jax.dlpack
-
-        return jax.dlpack.from_dlpack(tensor)
-    if backend == "tensorflow":
-        import tensorflow as tf
-        from torch.utils import dlpack
-
-        return tf.experimental.dlpack.from_dlpack(dlpack.to_dlpack(tensor))
-    if backend == "numpy":
-        return tensor.cpu().numpy() if hasattr(tensor, "cpu") else np.asarray(tensor)
-    raise ConfigError(f"--decode gpu cannot hand a batch to the {backend!r} backend")

@@ -21,7 +21,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from workers.decode import DECODERS, Decoded
+from workers.decode import DECODERS, Decoded, keep_encoded
 from workers.errors import ConfigError, DecodeError, ShardError
 from workers.storage import storage_for
 from workers.storage.base import FileInfo
@@ -103,7 +103,7 @@ Load = Callable[[str, Callable[[bytes, tuple[int, int]], Decoded], tuple[int, in
 
 def shard_loads(task: Any, size: tuple[int, int], load_image: Load = load) -> ShardLoads:
     """The loads of ``task`` (a ``ShardTask``) decoded at ``size`` = (height, width)."""
-    decode = DECODERS[task.model.decode]
+    decode = keep_encoded if task.model.decode == "gpu" else DECODERS[task.model.decode]
     key = (task.job_id, task.shard_id, task.model.decode, tuple(size), task.model.batch_size)
     return ShardLoads(key, task.uris, task.model.batch_size, lambda uri: load_image(uri, decode, size))
 

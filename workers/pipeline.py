@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ import numpy as np
 
 from workers import __version__
 from workers.contract import ShardTask
+from workers.decode import Encoded
 from workers.errors import ConfigError, ShardStopped
-from workers.feed import Feeder, feeder
+from workers.feed import Feeder, Loaded, feeder
 from workers.feed import load as _load  # noqa: F401  (one image's read and decode, as tests call it)
 from workers.schema import build_batch, kept_arrays, output_schema, with_job_metadata
 from workers.settings import Settings
@@ -91,6 +93,51 @@ def check_kept(task: ShardTask) -> None:
                               f"({have})")
 
 
+@dataclass
+class _Inputs:
+    """One batch ready for the model: per input its error and (width, height), the indices that decoded
+    (``ok``), and those images as host arrays or as one batch already on the device."""
+
+    batch: list[Loaded]
+    errors: list[str | None]
+    sizes: list[tuple[int, int] | None]
+    ok: list[int]
+    arrays: list[np.ndarray] = field(default_factory=list)
+    device: Any = None
+    seconds: float = 0.0  # decode time beyond the pool's (the device decoder's)
+
+
+def _host_inputs(batches: Iterator[list[Loaded]]) -> Iterator[_Inputs]:
+    for batch in batches:
+        ok = [i for i, item in enumerate(batch) if item.image is not None]
+        sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
+        yield _Inputs(batch, [b.error for b in batch], sizes, ok, [batch[i].image.array for i in ok])  # type: ignore[union-attr]
+
+
+def _device_inputs(batches: Iterator[list[Loaded]], decoder: Any, ahead: ThreadPoolExecutor) -> Iterator[_Inputs]:
+    """``--decode gpu``: the pool only read the files; each batch is decoded on the device one batch ahead of
+    the model, on a thread of its own, into a uint8 batch that reaches the model without a trip through the host."""
+    def decode(batch: list[Loaded]) -> _Inputs:
+        t0 = time.perf_counter()
+        read = [i for i, b in enumerate(batch) if b.image is not None]
+        decoded = decoder.decode([b.image.data for b in batch if isinstance(b.image, Encoded)])
+        errors: list[str | None] = [b.error for b in batch]
+        sizes: list[tuple[int, int] | None] = [None] * len(batch)
+        for i, error, size in zip(read, decoded.errors, decoded.sizes):
+            errors[i], sizes[i] = error, size
+        return _Inputs(batch, errors, sizes, [read[j] for j in decoded.ok], device=decoded.x,
+                       seconds=time.perf_counter() - t0)
+
+    pending: Future[_Inputs] | None = None
+    for batch in batches:
+        future = ahead.submit(decode, batch)
+        if pending is not None:
+            yield pending.result()
+        pending = future
+    if pending is not None:
+        yield pending.result()
+
+
 def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
                   should_stop: Callable[[], str | None] | None = None,
                   on_batch: Callable[[int], None] | None = None, feed: Feeder | None = None) -> ShardResult:
@@ -103,12 +150,15 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     """
     settings = settings or Settings.from_env()
     spec = task.model
-    if spec.decode == "gpu":  # a branch of its own: the pool only reads, batches are decoded on the device
-        return _process_shard_gpu(task, predictor, settings, should_stop, on_batch)
     check_kept(task)
     kept = {name: task.columns[name] for name in task.output.keep_names}
     size = predictor.input_hw
     feed = feed or feeder(settings.io_threads)
+    decoder = None
+    if spec.decode == "gpu":  # ConfigError without torch or CUDA, before the sink opens
+        from workers.decode_gpu import batch_decoder
+
+        decoder = batch_decoder(size, map_fn=feed.pool.map)  # CPU fallbacks decode on the pool
     schema = with_job_metadata(
         output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns,
                       keep=task.output.keep_columns),
@@ -119,32 +169,37 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     start = time.perf_counter()
 
     batches = feed.batches(task, size)
-    with open_sink(task, schema, settings) as sink, closing(batches):  # a stop cancels the loads not started
+    with ExitStack() as stack:
+        sink = stack.enter_context(open_sink(task, schema, settings))
+        stack.enter_context(closing(batches))  # a stop cancels the loads not started
+        if decoder is None:
+            ready = _host_inputs(batches)
+        else:
+            ready = _device_inputs(batches, decoder, stack.enter_context(ThreadPoolExecutor(1)))
         while True:
             reason = should_stop() if should_stop else None
             if reason:
                 raise ShardStopped(reason)
             t0 = time.perf_counter()
-            batch = next(batches, None)
+            item = next(ready, None)
             timings["wait"] += time.perf_counter() - t0
-            if batch is None:
+            if item is None:
                 break
-            ok = [i for i, item in enumerate(batch) if item.image is not None]
+            batch, ok = item.batch, item.ok
             outputs: dict[str, np.ndarray] = {}
             if ok:
                 t0 = time.perf_counter()
-                x = predictor.preprocess(np.stack([batch[i].image.array for i in ok]))  # type: ignore[union-attr]
+                x = item.device if item.device is not None else predictor.preprocess(np.stack(item.arrays))
                 outputs = predictor.predict(x)
                 timings["predict"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
             rows = build_batch(
-                schema, [b.uri for b in batch], [b.error for b in batch], sizes, ok, outputs, predictor.labels,
+                schema, [b.uri for b in batch], item.errors, item.sizes, ok, outputs, predictor.labels,
                 [b.info for b in batch], kept_arrays(schema, kept, images, images + len(batch)),
             )
             sink.write(rows)
             timings["write"] += time.perf_counter() - t0
-            timings["read_decode"] += sum(b.seconds for b in batch)
+            timings["read_decode"] += sum(b.seconds for b in batch) + item.seconds
             images += len(batch)
             errors += len(batch) - len(ok)
             if on_batch is not None:
@@ -156,111 +211,4 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
         "job %s %s: %d images, %d errors in %.2fs (%s)", task.job_id, task.name, images, errors,
         timings["total"], ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
     )
-    return ShardResult(task.job_id, task.shard_id, images, errors, timings)
-
-
-# --- --decode gpu ---------------------------------------------------------------------------------------
-# The same shard loop, with the decode stage moved: the thread pool reads the files, and each batch is
-# decoded on the device (workers.decode_gpu) one batch ahead of the model, in a thread of its own, into
-# a uint8 batch that goes to the model without a trip through the host.
-
-
-@dataclass
-class _Undecoded(Decoded):
-    """A file's bytes, read by the pool and left for the batch decoder."""
-
-    data: bytes = b""
-
-
-def _undecoded(data: bytes, size: tuple[int, int]) -> Decoded:
-    return _Undecoded(np.empty((0, 0, 3), np.uint8), 0, 0, data)
-
-
-def _device_batches(batches: Iterator[list[_Loaded]], decoder: Any, ahead: ThreadPoolExecutor
-                    ) -> Iterator[tuple[list[_Loaded], Any, float]]:
-    """(read batch, its ``DeviceBatch`` over the files that were read, decode seconds), one batch ahead."""
-    def decode(batch: list[_Loaded]) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        out = decoder.decode([b.image.data for b in batch if isinstance(b.image, _Undecoded)])
-        return out, time.perf_counter() - t0
-
-    pending: tuple[list[_Loaded], Future[tuple[Any, float]]] | None = None
-    for batch in batches:
-        future = ahead.submit(decode, batch)
-        if pending is not None:
-            yield pending[0], *pending[1].result()
-        pending = (batch, future)
-    if pending is not None:
-        yield pending[0], *pending[1].result()
-
-
-def _process_shard_gpu(task: ShardTask, predictor: Any, settings: Settings,
-                       should_stop: Callable[[], str | None] | None,
-                       on_batch: Callable[[int], None] | None) -> ShardResult:
-    from workers.decode_gpu import batch_decoder, model_input
-
-    spec = task.model
-    check_kept(task)
-    kept = {name: task.columns[name] for name in task.output.keep_names}
-    schema = with_job_metadata(
-        output_schema(spec.task, spec.top_k, feature_columns=predictor.feature_columns,
-                      keep=task.output.keep_columns),
-        job_metadata(task, predictor),
-    )
-    timings = {"read_decode": 0.0, "wait": 0.0, "predict": 0.0, "write": 0.0}
-    images = errors = 0
-    start = time.perf_counter()
-    broken: list[ShardError | ConfigError] = []
-
-    def read(uri: str) -> _Loaded:
-        if broken:  # the storage already failed as a whole
-            raise broken[0]
-        try:
-            return _load(uri, _undecoded, (0, 0))
-        except (ShardError, ConfigError) as exc:
-            broken.append(exc)
-            raise
-
-    with ThreadPoolExecutor(settings.io_threads) as pool, ThreadPoolExecutor(1) as ahead:
-        decoder = batch_decoder(predictor.input_hw, map_fn=pool.map)  # ConfigError without torch or CUDA
-        with open_sink(task, schema, settings) as sink:
-            batches = _device_batches(prefetched_batches(task.uris, spec.batch_size, read, pool), decoder, ahead)
-            while True:
-                reason = should_stop() if should_stop else None
-                if reason:
-                    raise ShardStopped(reason)
-                t0 = time.perf_counter()
-                item = next(batches, None)
-                timings["wait"] += time.perf_counter() - t0
-                if item is None:
-                    break
-                batch, decoded, seconds = item
-                read_ok = [i for i, b in enumerate(batch) if b.image is not None]
-                errs: list[str | None] = [b.error for b in batch]
-                sizes: list[tuple[int, int] | None] = [None] * len(batch)
-                for i, error, size in zip(read_ok, decoded.errors, decoded.sizes):
-                    errs[i], sizes[i] = error, size
-                ok = [read_ok[j] for j in decoded.ok]
-                outputs: dict[str, np.ndarray] = {}
-                if ok:
-                    t0 = time.perf_counter()
-                    outputs = predictor.predict(model_input(predictor, decoded.x))
-                    timings["predict"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                rows = build_batch(
-                    schema, [b.uri for b in batch], errs, sizes, ok, outputs, predictor.labels,
-                    [b.info for b in batch], kept_arrays(schema, kept, images, images + len(batch)),
-                )
-                sink.write(rows)
-                timings["write"] += time.perf_counter() - t0
-                timings["read_decode"] += sum(b.seconds for b in batch) + seconds
-                images += len(batch)
-                errors += len(batch) - len(ok)
-                if on_batch is not None:
-                    on_batch(len(batch))
-            t0 = time.perf_counter()
-        timings["write"] += time.perf_counter() - t0  # the sink's commit
-    timings["total"] = time.perf_counter() - start
-    log.info("job %s %s (decode gpu): %d images, %d errors in %.2fs", task.job_id, task.name, images, errors,
-             timings["total"])
     return ShardResult(task.job_id, task.shard_id, images, errors, timings)
