@@ -37,10 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT / "tests" / "data" / "photos"
 STAGES = ("read_decode", "wait", "predict", "write", "total")
 FIELDS = ("date", "device", "cpus", "machine", "backend", "precision", "model", "task", "batch_size", "images",
           "image_size", "decode", "status", "model_images_per_s", "end_to_end_images_per_s", "ratio",
@@ -48,21 +46,11 @@ FIELDS = ("date", "device", "cpus", "machine", "backend", "precision", "model", 
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int] = (1024, 768)) -> list[str]:
-    """``count`` distinct camera-like JPEGs of ``size`` = (width, height): crops and flips of the shipped photos."""
-    sources = [Image.open(p).convert("RGB") for p in sorted(PHOTOS.iterdir())]
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        img = sources[i % len(sources)]
-        w, h = img.size
-        x0, y0 = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
-        crop = img.crop((x0, y0, x0 + 3 * w // 4, y0 + 3 * h // 4)).resize(size, Image.Resampling.BICUBIC)
-        if i % 2:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        path = folder / f"img{i:06d}.jpg"
-        crop.save(path, quality=90)
-        paths.append(str(path))
-    return paths
+    """``count`` distinct camera-like JPEGs of ``size`` = (width, height): ``bench_run``'s, listed."""
+    from bench_run import make_jpegs as make  # scripts/ is on the path of a script run from it
+
+    make(folder, count, size)
+    return sorted(str(p) for p in folder.glob("*.jpg"))
 
 
 def _list(text: str, kind: type = str) -> list[Any]:
