@@ -15,6 +15,12 @@ extra seconds, from the medians) give the ratio without start-up. CPU seconds of
 reported too. ``--draft-factor`` runs the CLI with another ``workers.decode.DRAFT_FACTOR`` (to measure
 what a less faithful DCT scaling would buy). Prints one JSON line (``scripts/bench.py`` calls this for
 its whole-process figure).
+
+    .venv/bin/python scripts/bench_run.py --device-ms 70
+
+instead runs the shard pipeline alone, in this process, on the same JPEGs with a stand-in model that
+takes DEVICE_MS per batch without the host's CPU (as an accelerator does), shard after shard as
+``batchinfer run`` does: the cost of each shard's start (a new pool, an empty prefetch) shows there.
 """
 
 from __future__ import annotations
@@ -78,6 +84,49 @@ def model_only(model: str, images: int, batch_size: int) -> None:
                       "steady_images_per_s": round((images - min(batch_size, images)) / max(t3 - t2, 1e-9), 1)}))
 
 
+class DeviceStandIn:
+    """A model that takes ``seconds`` per batch and no host CPU, like an accelerator (``--device-ms``)."""
+
+    model_name, fingerprint, preprocess_name, input_hw = "stand-in", "none", "none", (224, 224)
+    feature_columns: dict[str, int] = {}
+    feature_shapes: dict[str, list[int]] = {}
+    labels, top_k = ["x"], 1
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float32)
+
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        time.sleep(self.seconds)
+        return {"top_k_indices": np.zeros((len(x), 1), np.int32), "top_k_scores": np.ones((len(x), 1), np.float32)}
+
+
+def shards_only(folder: Path, args: argparse.Namespace, out: Path) -> float:
+    """Images per second of the shard pipeline over ``folder`` with the device stand-in."""
+    from workers.contract import ModelSpec, OutputSpec, ShardTask
+    from workers.pipeline import process_shard
+    from workers.settings import Settings
+
+    try:
+        from workers.feed import feeder
+    except ImportError:  # before one pool per process: each shard started its own
+        feeder = None  # type: ignore[assignment]
+    settings = Settings.from_env()
+    uris = sorted(str(p) for p in folder.iterdir())
+    spec = ModelSpec(name=args.model, weights="none", batch_size=args.batch_size, top_k=1, decode=args.decode)
+    tasks = [ShardTask("bench", i, uris[start:start + args.shard_size], spec, OutputSpec(path=str(out)))
+             for i, start in enumerate(range(0, len(uris), args.shard_size))]
+    model = DeviceStandIn(args.device_ms / 1000)
+    begin = time.perf_counter()
+    for i, task in enumerate(tasks):
+        if feeder is not None and i + 1 < len(tasks):
+            feeder(settings.io_threads).announce(tasks[i + 1], model.input_hw)
+        process_shard(task, model, settings)
+    return len(uris) / (time.perf_counter() - begin)
+
+
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) and stdout of one process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -132,6 +181,8 @@ def main() -> None:
                     help="also run each side on N images and report marginal (start-up free) rates")
     ap.add_argument("--folder", help="where the JPEGs are kept (default: a folder in the temp dir)")
     ap.add_argument("--draft-factor", type=float, help="run the CLI with this DRAFT_FACTOR (default: the shipped one)")
+    ap.add_argument("--device-ms", type=float, help="the shard pipeline alone, with a stand-in model taking this "
+                    "many milliseconds per batch and no host CPU (see above)")
     ap.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model_only:
@@ -141,6 +192,19 @@ def main() -> None:
     width, height = (int(v) for v in args.size.lower().split("x"))
     base = Path(args.folder or Path(tempfile.gettempdir()) / f"batchinfer-bench-{args.size}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.device_ms is not None:
+        folder = base / str(args.images)
+        make_jpegs(folder, args.images, (width, height))
+        _warm(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = [shards_only(folder, args, Path(tmp)) for _ in range(args.repeat)]
+        ideal = args.batch_size / (args.device_ms / 1000)
+        print(json.dumps({"device_ms": args.device_ms, "images": args.images, "size": args.size,
+                          "batch_size": args.batch_size, "shard_size": args.shard_size,
+                          "images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
+                          "device_bound_images_per_s": round(ideal, 1),
+                          "ratio": round(statistics.median(rates) / ideal, 3), "cpus": os.cpu_count()}))
+        return
     counts = [args.images] + ([args.steady] if args.steady else [])
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
