@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3_server import s3_endpoint  # noqa: F401
+from tests.s3_server import s3, s3_endpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"

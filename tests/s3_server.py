@@ -133,5 +133,23 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.stop()
 
 
+@pytest.fixture
+def s3(s3_endpoint: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """This process and the commands it runs use the test endpoint; the S3 client is made afresh."""
+    import os
+
+    import workers.storage
+    from workers.storage.s3 import ENDPOINT_ENV
+
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name == ENDPOINT_ENV:
+            monkeypatch.delenv(name)
+    for name, value in s3_endpoint.env.items():
+        monkeypatch.setenv(name, value)
+    workers.storage._backend.cache_clear()
+    yield s3_endpoint
+    workers.storage._backend.cache_clear()
+
+
 if __name__ == "__main__":
     serve()

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,15 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import workers.storage
 from producer.collect import collect, get_job, shard_tables
 from scripts.collect_loop import JOB, make_job, probe_command
 from tests.conftest import ROOT, batchinfer
-from tests.s3_server import S3Server
 from workers.contract import OutputSpec
 from workers.redis_jobstore import RedisJobStore
 from workers.sinks import parquet
-from workers.storage.s3 import ENDPOINT_ENV
 
 
 def _new_threads(before: set[threading.Thread]) -> list[str]:
@@ -78,19 +74,6 @@ def test_reading_remote_shards_then_exiting_at_once_never_aborts(tmp_path):
         runs = list(pool.map(run, range(24)))
     bad = [(r.returncode, r.stderr[-500:]) for r in runs if r.returncode or "terminate called" in r.stderr]
     assert not bad, bad
-
-
-@pytest.fixture
-def s3(s3_endpoint: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
-    """This process and its commands use the test endpoint (as ``tests/test_s3.py``'s fixture)."""
-    for name in list(os.environ):
-        if name.startswith("AWS_") or name == ENDPOINT_ENV:
-            monkeypatch.delenv(name)
-    for name, value in s3_endpoint.env.items():
-        monkeypatch.setenv(name, value)
-    workers.storage._backend.cache_clear()
-    yield s3_endpoint
-    workers.storage._backend.cache_clear()
 
 
 def test_collect_of_s3_shards_exits_cleanly_every_time(s3, redis_url, redis_client, tmp_path):

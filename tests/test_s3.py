@@ -34,25 +34,10 @@ from workers.redis_jobstore import RedisJobStore
 from workers.settings import Settings
 from workers.storage import storage_for
 from workers.storage.local import LocalStorage
-from workers.storage.s3 import ENDPOINT_ENV, S3Storage
+from workers.storage.s3 import S3Storage
 
 FAST = ("--model", "MobileNetV2", "--weights", "none", "--input-size", "64")
 LISTED = 20_000
-
-
-@pytest.fixture
-def s3(s3_endpoint: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """This process and the commands it runs use the test endpoint; the S3 client is made afresh."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("AWS_") or name == ENDPOINT_ENV:
-            monkeypatch.delenv(name)
-    for name, value in s3_endpoint.env.items():
-        monkeypatch.setenv(name, value)
-    workers.storage._backend.cache_clear()
-    yield s3_endpoint
-    workers.storage._backend.cache_clear()
 
 
 @pytest.fixture(scope="module")
