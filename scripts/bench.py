@@ -163,16 +163,8 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def _spec_fields() -> set[str]:
-    from workers.contract import ModelSpec
-
-    return {f.name for f in dataclasses.fields(ModelSpec)}
-
-
 def model_feed(predictor: Any, x: np.ndarray) -> Any:
-    """A uint8 host batch as the shard pipeline hands it to ``predict``: through ``preprocess``, which keeps it
-    uint8 for a predictor that preprocesses on the device and makes it float32 for one that does not (done
-    once, outside the timing)."""
+    """A uint8 host batch as the shard pipeline hands it to ``predict`` (through ``preprocess``, outside the timing)."""
     return predictor.preprocess(x)
 
 
@@ -198,7 +190,6 @@ def run_backend(args: argparse.Namespace, uris: list[str], backend: str) -> Iter
     if keras.backend.backend() != backend:
         raise SystemExit(f"bench: --in-process runs on Keras's backend {keras.backend.backend()!r}, not {backend!r} "
                          f"(set KERAS_BACKEND={backend})")
-    has_precision = "precision" in _spec_fields()
     base = {"date": datetime.date.today().isoformat(), "device": device_name(), "cpus": os.cpu_count(),
             "machine": platform.machine(), "backend": backend, "task": args.task, "images": len(uris),
             "image_size": "x".join(map(str, args.image_size))}
@@ -207,12 +198,8 @@ def run_backend(args: argparse.Namespace, uris: list[str], backend: str) -> Iter
             for batch_size in args.batch_size:
                 row = dict.fromkeys(FIELDS) | base | {"model": model, "precision": precision,
                                                       "batch_size": batch_size}
-                if precision != "float32" and not has_precision:
-                    for decode in args.decode:
-                        yield row | {"decode": decode, "status": "skipped: no --precision in this build"}
-                    continue
-                extra = {"precision": precision} if has_precision else {}
-                spec = ModelSpec(name=model, weights="none", task=args.task, batch_size=batch_size, **extra)
+                spec = ModelSpec(name=model, weights="none", task=args.task, batch_size=batch_size,
+                                 precision=precision)
                 try:
                     t0 = time.perf_counter()
                     predictor = build_predictor(spec)

@@ -28,7 +28,7 @@ from tests.http_server import HttpServer
 from workers import __version__
 from workers.decode import DECODERS
 from workers.errors import ConfigError, SourceError
-from workers.pipeline import _load
+from workers.feed import load as _load
 from workers.settings import Settings
 from workers.storage import storage_for
 from workers.storage.http import HttpStorage, client

@@ -233,7 +233,7 @@ class _FailingS3(S3Storage):
 
 def test_s3_errors_become_rows_or_fail_the_shard(monkeypatch):
     from workers.decode import DECODERS
-    from workers.pipeline import _load
+    from workers.feed import load as _load
 
     monkeypatch.setitem(workers.storage.BACKENDS, "fakes3", f"{__name__}:_FailingS3")
     workers.storage._backend.cache_clear()

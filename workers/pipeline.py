@@ -24,7 +24,6 @@ from workers.contract import ShardTask
 from workers.decode import Encoded
 from workers.errors import ConfigError, ShardStopped
 from workers.feed import Feeder, Loaded, feeder
-from workers.feed import load as _load  # noqa: F401  (one image's read and decode, as tests call it)
 from workers.schema import build_batch, kept_arrays, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink

@@ -39,6 +39,16 @@ BACKENDS = {
 Forward = Callable[[Callable[[Any], Any], Any], dict[str, Any]]  # (call the model, input batch) -> outputs
 
 
+def keras_home() -> Path:
+    """Keras's own folder: ``$KERAS_HOME``, default ``~/.keras`` (read when called, so tests can redirect it)."""
+    return Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser())
+
+
+def keras_cache_dir() -> Path:
+    """Where ``keras.utils.get_file`` keeps downloaded weights (``$KERAS_HOME/models``)."""
+    return keras_home() / "models"
+
+
 def requested() -> str:
     """The backend Keras will load, found as Keras finds it: ``KERAS_BACKEND``, else the ``backend`` of
     ``$KERAS_HOME/keras.json`` (default ``~/.keras``), else tensorflow. Once Keras is imported, its own."""
@@ -49,7 +59,7 @@ def requested() -> str:
         return str(keras_backend())
     name = os.environ.get("KERAS_BACKEND")
     if not name:
-        config = Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser()) / "keras.json"
+        config = keras_home() / "keras.json"
         try:
             name = json.loads(config.read_text()).get("backend")
         except (OSError, ValueError, AttributeError):

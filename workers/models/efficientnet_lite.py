@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from workers.errors import ConfigError
+from workers.models.backends import keras_cache_dir
 from workers.models.torch_checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,6 @@ def assign_state_dict(model: Any, state: dict[str, np.ndarray]) -> None:
     unused = sorted(set(state) - used)
     if unused:
         raise ConfigError(f"the checkpoint has tensors this model does not use: {', '.join(unused[:5])}")
-
-
-def keras_cache_dir() -> Path:
-    """``$KERAS_HOME/models`` (default ``~/.keras/models``), read when called so tests can redirect it."""
-    return Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser()) / "models"
 
 
 def checkpoint_path() -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
 from workers.models import backends
+from workers.models.backends import keras_cache_dir
 from workers.models.custom import load_custom, read_labels
 from workers.models.predictor import Predictor, make_forward
 from workers.models.preprocess import preprocess_family, preprocess_function
@@ -62,11 +63,6 @@ def dtype_policy(precision: str) -> Iterator[None]:
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def keras_cache_dir() -> Path:
-    """Where ``keras.utils.get_file`` keeps downloaded weights (``$KERAS_HOME/models``)."""
-    return Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser()) / "models"
 
 
 def _imagenet_error(arch: Architecture, exc: Exception) -> ConfigError:
