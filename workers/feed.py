@@ -53,6 +53,13 @@ def load(uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tu
         return Loaded(uri, None, "file not found", time.perf_counter() - start)
     except OSError as exc:
         return Loaded(uri, None, f"cannot read: {exc.strerror or exc}", time.perf_counter() - start)
+    return from_bytes(uri, data, decode, size, info, start)
+
+
+def from_bytes(uri: str, data: bytes, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int],
+               info: FileInfo | None = None, start: float | None = None) -> Loaded:
+    """Decode bytes already in memory (an upload to the HTTP service); a failure is the image's error."""
+    start = time.perf_counter() if start is None else start
     try:
         image = decode(data, size)
     except DecodeError as exc:

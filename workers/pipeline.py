@@ -14,17 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
 
 from workers import __version__
 from workers.contract import ShardTask
 from workers.decode import Encoded
 from workers.errors import ConfigError, ShardStopped
 from workers.feed import Feeder, Loaded, feeder
-from workers.schema import build_batch, kept_arrays, output_schema, with_job_metadata
+from workers.infer import Inputs, host_inputs, infer, to_rows
+from workers.schema import kept_arrays, output_schema, with_job_metadata
 from workers.settings import Settings
 from workers.sinks import open_sink
 
@@ -48,6 +47,7 @@ def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
     return {
         "job_id": task.job_id,
         "model": predictor.model_name,
+        "model_spec": asdict(spec),  # everything to embed a query exactly as this job did (search indexes)
         "model_path": spec.model_path,
         "weights": spec.weights if not spec.model_path else None,
         "weights_fingerprint": predictor.fingerprint,
@@ -92,31 +92,15 @@ def check_kept(task: ShardTask) -> None:
                               f"({have})")
 
 
-@dataclass
-class _Inputs:
-    """One batch ready for the model: per input its error and (width, height), the indices that decoded
-    (``ok``), and those images as host arrays or as one batch already on the device."""
-
-    batch: list[Loaded]
-    errors: list[str | None]
-    sizes: list[tuple[int, int] | None]
-    ok: list[int]
-    arrays: list[np.ndarray] = field(default_factory=list)
-    device: Any = None
-    seconds: float = 0.0  # decode time beyond the pool's (the device decoder's)
-
-
-def _host_inputs(batches: Iterator[list[Loaded]]) -> Iterator[_Inputs]:
+def _host_inputs(batches: Iterator[list[Loaded]]) -> Iterator[Inputs]:
     for batch in batches:
-        ok = [i for i, item in enumerate(batch) if item.image is not None]
-        sizes = [(b.image.width, b.image.height) if b.image else None for b in batch]
-        yield _Inputs(batch, [b.error for b in batch], sizes, ok, [batch[i].image.array for i in ok])  # type: ignore[union-attr]
+        yield host_inputs(batch)
 
 
-def _device_inputs(batches: Iterator[list[Loaded]], decoder: Any, ahead: ThreadPoolExecutor) -> Iterator[_Inputs]:
+def _device_inputs(batches: Iterator[list[Loaded]], decoder: Any, ahead: ThreadPoolExecutor) -> Iterator[Inputs]:
     """``--decode gpu``: the pool only read the files; each batch is decoded on the device one batch ahead of
     the model, on a thread of its own, into a uint8 batch that reaches the model without a trip through the host."""
-    def decode(batch: list[Loaded]) -> _Inputs:
+    def decode(batch: list[Loaded]) -> Inputs:
         t0 = time.perf_counter()
         read = [i for i, b in enumerate(batch) if b.image is not None]
         decoded = decoder.decode([b.image.data for b in batch if isinstance(b.image, Encoded)])
@@ -124,10 +108,10 @@ def _device_inputs(batches: Iterator[list[Loaded]], decoder: Any, ahead: ThreadP
         sizes: list[tuple[int, int] | None] = [None] * len(batch)
         for i, error, size in zip(read, decoded.errors, decoded.sizes):
             errors[i], sizes[i] = error, size
-        return _Inputs(batch, errors, sizes, [read[j] for j in decoded.ok], device=decoded.x,
+        return Inputs(batch, errors, sizes, [read[j] for j in decoded.ok], device=decoded.x,
                        seconds=time.perf_counter() - t0)
 
-    pending: Future[_Inputs] | None = None
+    pending: Future[Inputs] | None = None
     for batch in batches:
         future = ahead.submit(decode, batch)
         if pending is not None:
@@ -185,17 +169,11 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
             if item is None:
                 break
             batch, ok = item.batch, item.ok
-            outputs: dict[str, np.ndarray] = {}
-            if ok:
-                t0 = time.perf_counter()
-                x = item.device if item.device is not None else predictor.preprocess(np.stack(item.arrays))
-                outputs = predictor.predict(x)
-                timings["predict"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            rows = build_batch(
-                schema, [b.uri for b in batch], item.errors, item.sizes, ok, outputs, predictor.labels,
-                [b.info for b in batch], kept_arrays(schema, kept, images, images + len(batch)),
-            )
+            outputs = infer(predictor, item)
+            timings["predict"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows = to_rows(schema, predictor, item, outputs, kept_arrays(schema, kept, images, images + len(batch)))
             sink.write(rows)
             timings["write"] += time.perf_counter() - t0
             timings["read_decode"] += sum(b.seconds for b in batch) + item.seconds

@@ -282,10 +282,9 @@ def build_predictor(spec: ModelSpec, torch_compile: bool = False, expose_inputs:
             raise ConfigError(f"{len(labels)} labels for a model with {classes} classes")
 
     forward = make_forward(graph.preprocess, classify, graph.softmax, k, columns, spec.pooling, expose_inputs)
-    shape = (spec.batch_size, graph.hw[0], graph.hw[1], 3)
 
-    def compile_for(dtype: str) -> Any:
-        return backends.compile_forward(forward, body, shape, dtype, torch_compile)
+    def compile_for(dtype: str, batch: int) -> Any:
+        return backends.compile_forward(forward, body, (batch, graph.hw[0], graph.hw[1], 3), dtype, torch_compile)
 
     predictor = Predictor(spec, graph.name, graph.hw, feature_columns, feature_shapes, labels, graph.fingerprint,
                           compile_for, graph.preprocess_name, k)

@@ -9,6 +9,7 @@ through its ``PixelTable``, exactly the reference path's input) and runs the mod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,8 +129,11 @@ class Predictor:
     """A model ready for batches: ``preprocess`` on the host, then ``predict`` on the device.
 
     ``feature_columns`` maps each feature output column to its dimension; ``feature_shapes`` gives the
-    unflattened shape of each (useful with ``--pooling none``). ``_compile(dtype)`` compiles the forward
-    function for input batches of that dtype (``uint8`` or ``float32``); each is compiled once, on first use.
+    unflattened shape of each (useful with ``--pooling none``). ``_compile(dtype, n)`` compiles the forward
+    function for input batches of that dtype (``uint8`` or ``float32``) and ``n`` images; each is compiled
+    once, on first use. A batch is padded to the smallest of ``batch_sizes`` that holds it: by default only
+    ``spec.batch_size`` (one compiled shape for a shard's batches); the HTTP service adds smaller sizes so a
+    lone request is not padded to a full batch (``with_batch_sizes``).
     """
 
     spec: ModelSpec
@@ -139,10 +143,21 @@ class Predictor:
     feature_shapes: dict[str, list[int]]
     labels: list[str] | None
     fingerprint: str
-    _compile: Callable[[str], Callable[[Any], dict[str, Any]]]
+    _compile: Callable[[str, int], Callable[[Any], dict[str, Any]]]
     preprocess_name: str = "none"  # the family that runs (caffe, tf, torch, none), for the metadata
     top_k: int = 0  # classes per row: the requested top-k, cut to the model's class count
-    _compiled: dict[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict, repr=False)
+    batch_sizes: tuple[int, ...] = ()  # the padded sizes compiled, ascending (empty: spec.batch_size alone)
+    _compiled: dict[tuple[str, int], Callable[[Any], dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def with_batch_sizes(self, sizes: tuple[int, ...]) -> Predictor:
+        """The same model, padding each batch to the smallest of ``sizes`` (each at most
+        ``spec.batch_size``, which is always one of them) that holds it; compiled forms are shared."""
+        chosen = tuple(sorted({min(max(1, s), self.spec.batch_size) for s in sizes} | {self.spec.batch_size}))
+        return dataclasses.replace(self, batch_sizes=chosen, _compiled=self._compiled)
+
+    def padded(self, n: int) -> int:
+        """The compiled batch size a batch of ``n`` images is padded to."""
+        return next((s for s in self.batch_sizes if s >= n), self.spec.batch_size)
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """The host's part of preprocessing: only the dtype (``host_batch``); the rest runs in ``predict``."""
@@ -158,7 +173,6 @@ class Predictor:
         without a copy (one in host memory goes the numpy way). Padding to the compiled batch size happens
         where the batch is.
         """
-        batch = self.spec.batch_size
         if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack_device__") and x.__dlpack_device__()[0] == KDLCPU:
             x = np.from_dlpack(x)  # host memory: the numpy path (TensorFlow aborts on an unaligned DLPack buffer)
         if isinstance(x, np.ndarray):
@@ -166,6 +180,7 @@ class Predictor:
                 x = host_batch(x)
             dtype, n = x.dtype.name, len(x)
             self._check(n, tuple(x.shape[1:]))
+            batch = self.padded(n)
             if n < batch:
                 x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), dtype=x.dtype)])
         else:
@@ -180,16 +195,19 @@ class Predictor:
             if dtype not in INPUT_DTYPES:
                 raise ValueError(f"a device batch must be uint8 or float32, got {dtype}")
             self._check(n, tuple(int(d) for d in x.shape[1:]))
+            batch = self.padded(n)
             if n < batch:
                 x = keras.ops.pad(x, [(0, batch - n), (0, 0), (0, 0), (0, 0)])
-        out = self.compiled(dtype)(x)
+        out = self.compiled(dtype, batch)(x)
         return {name: _numpy(value)[:n] for name, value in out.items()}
 
-    def compiled(self, dtype: str) -> Callable[[Any], dict[str, Any]]:
-        """The forward function compiled for ``dtype`` input batches (compiled on first use)."""
-        if dtype not in self._compiled:
-            self._compiled[dtype] = self._compile(dtype)
-        return self._compiled[dtype]
+    def compiled(self, dtype: str, batch: int | None = None) -> Callable[[Any], dict[str, Any]]:
+        """The forward function compiled for ``dtype`` batches of ``batch`` images (default
+        ``spec.batch_size``), compiled on first use."""
+        key = (dtype, batch or self.spec.batch_size)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(*key)
+        return self._compiled[key]
 
     def _check(self, n: int, shape: tuple[int, ...]) -> None:
         if n > self.spec.batch_size:
