@@ -98,6 +98,26 @@ def build_parser() -> Parser:
     _s3_option(p)
     _broker_option(p)
 
+    p = sub.add_parser("serve", help="HTTP service with a warm model: /predict, /features and /search, requests "
+                       "gathered into batches")
+    add_model_options(p)
+    g = p.add_argument_group("service options")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    g.add_argument("--max-batch", type=int, default=32, metavar="N",
+                   help="images per model call at most (default 32): concurrent requests share a call")
+    g.add_argument("--max-wait-ms", type=float, default=5.0, metavar="M",
+                   help="how long a model call waits for more images when fewer than N are queued (default 5)")
+    g.add_argument("--max-images", type=int, default=64, metavar="N", help="images per request at most (default 64)")
+    g.add_argument("--max-body", default="32M", metavar="SIZE", help="request body limit (default 32M): 413 above")
+    g.add_argument("--index", metavar="DIR", help="a search index (batchinfer index) for /search; the service "
+                   "then runs the index's model, so give no model options")
+    g.add_argument("--allow-uri", action="append", default=[], metavar="PREFIX",
+                   help="let requests name images under this prefix (s3://bucket/, https://host/, /local/folder); "
+                   "repeatable; default: uploads only")
+    _verbose_option(p)
+    _s3_option(p)
+
     p = sub.add_parser("models", help="the architectures: input size, parameters, feature size, preprocessing")
     p = sub.add_parser("layers", help="index, name and output shape of every layer of a model (for --layer)")
     p.add_argument("model", metavar="MODEL", help="architecture name (case-insensitive)")
@@ -362,7 +382,40 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
+MODEL_OPTIONS = ("model", "weights", "task", "top_k", "pooling", "layer", "input_size", "input_shape", "model_path",
+                 "labels", "preprocess", "precision", "batch_size")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from producer.words import parse_size
+    from workers.serve.server import serve
+    from workers.serve.service import ServeConfig
+
+    defaults = build_parser().parse_args(["serve"])
+    if args.batch_size != defaults.batch_size:
+        raise ConfigError("serve batches by --max-batch (and --max-wait-ms), not --batch-size")
+    index = None
+    if args.index:
+        given = [name for name in MODEL_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag}: with --index the service runs the index's own model; give no model options")
+        from workers.search.index import SearchIndex
+
+        index = SearchIndex.load(args.index)
+        spec = dataclasses.replace(index.spec, decode=args.decode)
+    else:
+        spec = model_spec_from_args(args)
+    config = ServeConfig(spec=spec, host=args.host, port=args.port, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, max_body=parse_size(args.max_body, "--max-body"),
+                         max_images=args.max_images, index=args.index, allow_uris=tuple(args.allow_uri),
+                         token=os.environ.get("BATCHINFER_API_TOKEN") or None).checked()
+    return serve(config, index=index, log_level="info" if args.verbose else "warning")
+
+
+COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
             "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head, "jobs": _cmd_jobs,
             "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete}
 
