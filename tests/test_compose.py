@@ -120,6 +120,16 @@ def test_producer_profile_and_entrypoint(services):
     assert "./data:/data" in [str(v) for v in producer["volumes"]]
 
 
+def test_serve_profile_needs_a_token_and_publishes_on_localhost(services):
+    serve = services["serve"]
+    assert "serve" in serve["profiles"] and _argv(serve["entrypoint"]) == ["batchinfer"]
+    argv = _argv(serve["command"])
+    assert argv[0] == "serve" and argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert re.match(r"^\$\{BATCHINFER_API_TOKEN:\?", _env(serve)["BATCHINFER_API_TOKEN"])
+    assert [str(p) for p in serve["ports"]] == ["127.0.0.1:8000:8000"]
+    assert "/readyz" in " ".join(_argv(serve["healthcheck"]["test"]))
+
+
 def test_build_dockerfiles_exist_under_infra(services):
     built = {}
     for name, svc in services.items():
@@ -178,7 +188,7 @@ def test_dockerfile_from_nonroot_user_and_cmd(path):
     users = [rest for op, rest in instr if op == "USER"]
     assert users, f"{path.name}: no USER"
     assert users[-1].split(":")[0] not in {"root", "0"}, f"{path.name}: runs as root"
-    assert any(op == "RUN" and "pip install ." in rest for op, rest in instr)
+    assert any(op == "RUN" and re.search(r"pip install (\.|\"\.\[serve,index\]\")", rest) for op, rest in instr)
     assert ("WORKDIR", "/app") in instr
     cmd = [rest for op, rest in instr if op == "CMD"]
     assert cmd, f"{path.name}: no CMD"
