@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,53 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.feed import Loaded
 from workers.serve.metrics import CONTENT_TYPE
+from workers.serve.requests import BadRequest, BodyLimit, BodyTooLarge, all_failed, check_ready, images_of, too_large
 from workers.serve.service import Service
 
 OPEN_ROUTES = ("/healthz", "/readyz")  # probes answer without the token
-FIELD = "image"
-
-
-class BadRequest(HTTPException):
-    """A request we refuse: its status and one-line reason (``{"error": ...}``)."""
-
-    def __init__(self, status: int, error: str, **extra: Any) -> None:
-        super().__init__(status, error)
-        self.extra = extra
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """413 for a body over ``limit`` bytes: at once when Content-Length says so, else while it streams in."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _too_large(self.limit)(scope, receive, send)
-                return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"error": f"request body over the limit of {limit} bytes (--max-body)"}, 413)
 
 
 def create_app(service: Service, on_loaded: Callable[[], None] | None = None) -> ASGIApp:
@@ -95,82 +50,13 @@ def create_app(service: Service, on_loaded: Callable[[], None] | None = None) ->
         if on_loaded is not None:
             on_loaded()
 
-    # -- the requests --------------------------------------------------------------------------------------
-    async def images_of(request: Request) -> tuple[list[Loaded], str]:
-        """The request's images (decoded, or their error) and the key naming them (filename or uri)."""
-        ready()
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            files = await _uploads(request)
-            return await service.decode_uploads(files), "filename"
-        if kind == "application/json":
-            uris = await _uris(request)
-            return await service.load_uris(uris), "uri"
-        body_empty = not (await request.body())
-        if body_empty:
-            raise BadRequest(400, f"empty request: send images as multipart field {FIELD!r} or JSON "
-                             '{"uris": [...]}')
-        raise BadRequest(415, f"unsupported content type {kind or 'none'!r}: use multipart/form-data (field "
-                         f"{FIELD!r}) or application/json")
-
-    async def _uploads(request: Request) -> list[tuple[str, bytes]]:
-        form = await request.form(max_files=config.max_images + 1, max_fields=config.max_images + 1)
-        try:
-            files: list[tuple[str, bytes]] = []
-            for key, value in form.multi_items():
-                if key != FIELD:
-                    raise BadRequest(400, f"unknown field {key!r}: send images in the field {FIELD!r}")
-                if not isinstance(value, UploadFile):
-                    raise BadRequest(400, f"field {FIELD!r} must be a file upload, not a text value")
-                files.append((value.filename or f"{FIELD}{len(files)}", await value.read()))
-        finally:
-            await form.close()
-        _count(len(files))
-        return files
-
-    async def _uris(request: Request) -> list[str]:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict) or set(body) != {"uris"}:
-            extra = sorted(set(body) - {"uris"}) if isinstance(body, dict) else None
-            prefix = f"unknown field {extra[0]!r}: " if extra else ""
-            raise BadRequest(400, prefix + 'the JSON body must be {"uris": ["s3://...", ...]}')
-        uris = body["uris"]
-        if not isinstance(uris, list) or not all(isinstance(u, str) and u for u in uris):
-            raise BadRequest(400, '"uris" must be a list of non-empty strings')
-        _count(len(uris))
-        refused = [u for u in uris if not service.allowed(u)]
-        if refused:
-            raise BadRequest(403, f"this server does not read {refused[0]!r}: start it with --allow-uri PREFIX "
-                             "for the places clients may name (or upload the image)")
-        return uris
-
-    def _count(n: int) -> None:
-        if n == 0:
-            raise BadRequest(400, f"no images: send them as multipart field {FIELD!r} or JSON {{\"uris\": [...]}}")
-        if n > config.max_images:
-            raise BadRequest(413, f"{n} images in one request; the limit is {config.max_images} (--max-images)")
-
-    def ready() -> None:
-        if not service.ready:
-            reason = service.load_error or ("shutting down" if service.draining else "the model is loading")
-            raise BadRequest(503, f"not ready: {reason}")
-
-    def all_failed(loaded: list[Loaded], key: str, results: list[dict[str, Any]]) -> None:
-        if loaded and all(item.image is None for item in loaded):
-            first = loaded[0].error
-            raise BadRequest(422, f"no image could be used: {first}" if len(loaded) == 1 else
-                             f"none of the {len(loaded)} images could be used (first: {first})", results=results)
-
     async def predict(request: Request) -> Response:
         if "classify" not in service.spec.tasks:
             raise BadRequest(404, "this server makes features only (--task features): use /features")
-        loaded, key = await images_of(request)
+        loaded, key = await images_of(request, service)
         rows = await service.rows(loaded)
         results = [_prediction(row, key) for row in rows]
-        all_failed(loaded, key, results)
+        all_failed(loaded, results)
         return JSONResponse({"model": service.predictor.model_name, "results": results})
 
     async def features(request: Request) -> Response:
@@ -184,11 +70,11 @@ def create_app(service: Service, on_loaded: Callable[[], None] | None = None) ->
             raise BadRequest(400, f"unknown column {column!r}: this model makes {', '.join(columns)}")
         if raw and column is None and len(columns) > 1:
             raise BadRequest(400, f"name one ?column= for raw float32 ({', '.join(columns)})")
-        loaded, key = await images_of(request)
+        loaded, key = await images_of(request, service)
         rows = await service.rows(loaded)
         wanted = [column] if column else columns
         results = [_described(row, key) | {c: row[c] for c in wanted} for row in rows]
-        all_failed(loaded, key, [_described(row, key) for row in rows])
+        all_failed(loaded, [_described(row, key) for row in rows])
         if not raw:
             return JSONResponse({"model": service.predictor.model_name,
                                  "dims": {c: service.predictor.feature_columns[c] for c in wanted},
@@ -209,7 +95,7 @@ def create_app(service: Service, on_loaded: Callable[[], None] | None = None) ->
         if index is None:
             raise BadRequest(404, "this server has no index: start it with --index DIR (batchinfer index)")
         k = _k(request)
-        ready()
+        check_ready(service)
         if request.method == "GET":
             uri = request.query_params.get("uri")
             if not uri:
@@ -220,14 +106,14 @@ def create_app(service: Service, on_loaded: Callable[[], None] | None = None) ->
             elif service.allowed(uri):
                 loaded = await service.load_uris([uri])
                 queries = await _embedded(loaded)
-                all_failed(loaded, "uri", [{"query": uri, "error": loaded[0].error}])
+                all_failed(loaded, [{"query": uri, "error": loaded[0].error}])
             else:
                 raise BadRequest(404, f"{uri!r} is not in the index (and this server reads no URI of a client's "
                                  "choosing there: --allow-uri)")
         else:
-            loaded, _ = await images_of(request)
+            loaded, _ = await images_of(request, service)
             queries = await _embedded(loaded)
-            all_failed(loaded, "query", [{"query": q, "error": e} for q, _, e in queries])
+            all_failed(loaded, [{"query": q, "error": e} for q, _, e in queries])
         good = [v for _, v, _ in queries if v is not None]
         hits = iter(await asyncio.to_thread(index.search, np.stack(good), k) if good else [])
         results = []
@@ -285,14 +171,14 @@ def create_app(service: Service, on_loaded: Callable[[], None] | None = None) ->
         headers = dict(exc.headers or {})
         return JSONResponse({"error": exc.detail, **extra}, exc.status_code, headers=headers)
 
-    async def too_large(request: Request, exc: Exception) -> Response:
-        return _too_large(config.max_body)
+    async def body_too_large(request: Request, exc: Exception) -> Response:
+        return too_large(config.max_body)
 
     async def crashed(request: Request, exc: Exception) -> Response:  # a bug or a failed model call
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, Exception: crashed})
+                    exception_handlers={HTTPException: http_error, BodyTooLarge: body_too_large, Exception: crashed})
     return _Guard(BodyLimit(app, config.max_body), service)
 
 
