@@ -146,6 +146,7 @@ def _upload(paths):
     return [("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
 
 
+@pytest.mark.backends
 def test_predict_equals_batchinfer_run(server, run_rows):
     with server.client() as client:
         one_by_one = [client.post("/predict", files=_upload([p])).json()["results"][0] for p in PHOTO_PATHS]
