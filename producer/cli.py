@@ -23,6 +23,7 @@ from producer.words import plural
 from workers import __version__
 from workers.contract import SINKS, OutputSpec
 from workers.errors import BatchInferError, ConfigError
+from workers.search.plan import KINDS, METRICS
 
 PROG = "batchinfer"
 
@@ -134,6 +135,33 @@ def build_parser() -> Parser:
     _verbose_option(p)
     p.add_argument("--holdout", type=float, default=0.0, help="fraction held out to report accuracy on")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("index", help="a search index (FAISS) of a features job's output, within --max-memory")
+    p.add_argument("features", metavar="FEATURES", help="a features job's Parquet output: a file, or a folder or "
+                   "s3:// prefix of shard files")
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="the index folder (local or s3://); an index already there is replaced whole")
+    p.add_argument("--column", help="the feature column of a multi-layer job (features_<layer>, or the layer name)")
+    p.add_argument("--metric", choices=METRICS, default="cosine",
+                   help="cosine (default: vectors normalised; scores are similarities, higher is nearer) or l2 "
+                   "(Euclidean distances, lower is nearer)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory the build and the loaded index may take, e.g. "
+                   "512M, 2G, 1.5GiB (default 2G): the exact index when it fits, else a compressed one")
+    p.add_argument("--kind", choices=KINDS, help="this kind of index, if it fits (default: the most exact that fits)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _s3_option(p)
+
+    p = sub.add_parser("search", help="the nearest indexed images of query images, or of indexed URIs")
+    p.add_argument("index", metavar="DIR", help="an index folder made by `batchinfer index` (local or s3://)")
+    p.add_argument("queries", nargs="+", metavar="IMAGE_OR_URI",
+                   help="an indexed URI (its stored vector, no model) or an image to embed with the index's model")
+    p.add_argument("--k", "-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--output", "-o", help="write rows (query, rank, uri, score, kept columns) to this file "
+                   "(.parquet, .csv or .jsonl) instead of printing a table")
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), help="default: from the file extension")
+    p.add_argument("--embed", action="store_true", help="embed every query with the model, indexed URIs too")
+    _verbose_option(p)
+    _s3_option(p)
 
     p = sub.add_parser("status", help="progress of a job")
     p.add_argument("job_id", metavar="JOB")
@@ -382,6 +410,24 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from producer.index import build_index, summary
+    from producer.words import parse_size
+
+    budget = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
+    info = build_index(args.features, args.output, column=args.column, metric=args.metric, max_memory=budget,
+                       kind=args.kind, progress=not args.quiet)
+    print(summary(info, args.output), file=sys.stderr)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from producer.search import run
+
+    print(run(args.index, args.queries, args.k, args.output, args.format, embed_all=args.embed), file=sys.stderr)
+    return 0
+
+
 MODEL_OPTIONS = ("model", "weights", "task", "top_k", "pooling", "layer", "input_size", "input_shape", "model_path",
                  "labels", "preprocess", "precision", "batch_size")
 
@@ -417,7 +463,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
             "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head, "jobs": _cmd_jobs,
-            "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete}
+            "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete, "index": _cmd_index,
+            "search": _cmd_search}
 
 
 class Terminated(BatchInferError):
@@ -447,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # e.g. `run` on a machine without the Keras backend's framework
         from workers.models.backends import install_hint
 
-        print(f"{PROG}: error: {exc} (install it: {install_hint()})", file=sys.stderr)
+        hint = "" if "pip install" in str(exc) else f" (install it: {install_hint()})"  # faiss says its own
+        print(f"{PROG}: error: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -37,15 +37,16 @@ class Carry:
     row: int
 
 
-def previous_files(path: str) -> list[str]:
-    """The Parquet files of a previous output: one file, or a folder's shard files (local or S3)."""
+def previous_files(path: str, what: str = "--skip-unchanged") -> list[str]:
+    """The Parquet files of a previous output: one file, or a folder's shard files (local or S3).
+    ``what`` names the argument in the error when there are none."""
     storage = storage_for(path)
     if path.lower().endswith((".parquet", ".pq")) and storage.exists(path):
         return [path]
     prefix = path.rstrip("/") + "/"
     files = sorted(u for u in storage.list(prefix) if _data_file(u[len(prefix):]))
     if not files:
-        raise ConfigError(f"--skip-unchanged {path}: no Parquet output there")
+        raise ConfigError(f"{what} {path}: no Parquet output there")
     return files
 
 

@@ -22,7 +22,8 @@ from tests.s3_server import s3, s3_endpoint  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"
 BIN = Path(sys.executable).parent
-ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect))?: error: ")  # argparse names the subcommand
+# argparse names the subcommand
+ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect|index|search))?: error: ")
 NOBODY = 65534  # the unprivileged user a test runs a command as, when the tests run as root
 
 
