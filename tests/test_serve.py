@@ -343,3 +343,48 @@ def test_json_is_what_the_readme_shows(server):
     assert set(row) == {"filename", "label", "score", "top_k", "width", "height", "error"}
     assert set(row["top_k"][0]) == {"index", "label", "score"}
     json.dumps(body)  # plain JSON types only
+
+
+# -- search over HTTP ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def search_server(weights, tmp_path_factory):
+    """A features job on the photos -> `batchinfer index` -> `batchinfer serve --index`."""
+    folder = tmp_path_factory.mktemp("search")
+    features = folder / "features.parquet"
+    batchinfer("run", str(PHOTOS), "--weights", str(weights), "--task", "classify,features", "--output",
+               str(features), "--quiet")
+    batchinfer("index", str(features), "--output", str(folder / "index"))
+    s = Server("--index", str(folder / "index"), "--max-batch", "4", log=folder / "serve.log")
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def test_search_by_indexed_uri_and_by_upload_finds_the_photo_first(search_server):
+    with search_server.client() as client:
+        for path in PHOTO_PATHS:
+            by_uri = client.get("/search", params={"uri": str(path), "k": 3}).json()
+            assert by_uri["metric"] == "cosine" and by_uri["higher_is_closer"]
+            hits = by_uri["results"][0]["neighbors"]
+            assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["uri"] == str(path)
+            assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and hits[0]["score"] >= hits[1]["score"]
+        uploaded = client.post("/search", params={"k": 2}, files=_upload(PHOTO_PATHS)).json()["results"]
+        assert [r["neighbors"][0]["uri"] for r in uploaded] == [str(p) for p in PHOTO_PATHS]
+        assert all(r["query"] == p.name and r["error"] is None for r, p in zip(uploaded, PHOTO_PATHS))
+        # the index's model also classifies: /predict works on the same server
+        assert client.post("/predict", files=_upload(PHOTO_PATHS[:1])).json()["results"][0]["label"]
+
+
+def test_bad_search_requests_are_4xx(search_server):
+    with search_server.client() as client:
+        photo = str(PHOTO_PATHS[0])
+        assert client.get("/search", params={"uri": photo, "k": "many"}).status_code == 400
+        assert client.get("/search", params={"uri": photo, "k": 0}).status_code == 400
+        assert client.get("/search").status_code == 400
+        missing = client.get("/search", params={"uri": "/nowhere/x.jpg"})
+        assert missing.status_code == 404 and "not in the index" in missing.json()["error"]
+        broken = client.post("/search", files=[("image", ("x.jpg", b"nope", "image/jpeg"))])
+        assert broken.status_code == 422 and broken.json()["results"][0]["error"]
+        assert client.get("/healthz").status_code == 200
+    assert "Traceback" not in search_server.text()
