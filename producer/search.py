@@ -64,11 +64,7 @@ def embed(index: SearchIndex, uris: Sequence[str]) -> np.ndarray:
 
     spec = dataclasses.replace(spec, task="features", batch_size=min(EMBED_BATCH, len(uris)))
     predictor = build_predictor(spec)
-    if index.fingerprint and predictor.fingerprint != index.fingerprint:
-        raise ConfigError(f"the model's weights are not those that made the index ({predictor.fingerprint} here, "
-                          f"{index.fingerprint} in the index): its model or weights file changed")
-    if index.column not in predictor.feature_columns:
-        raise ConfigError(f"the model makes no {index.column!r} features")
+    index.check_model(predictor)
     decode = decoders.DECODERS.get(spec.decode, decoders.DECODERS["fast"])  # gpu: its per-image fallback
     loaded = [from_bytes(u, d, decode, predictor.input_hw) for u, d in zip(uris, data)]
     for item in loaded:

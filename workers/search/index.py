@@ -219,6 +219,15 @@ class SearchIndex:
             hits.append(out)
         return hits
 
+    def check_model(self, predictor: Any) -> None:
+        """``ConfigError`` unless ``predictor`` (a built ``Predictor``) is the model that made the vectors: it
+        makes the index's feature column, with the weights whose fingerprint the index recorded."""
+        if self.column not in predictor.feature_columns:
+            raise ConfigError(f"the model makes no {self.column!r} features")
+        if self.fingerprint and predictor.fingerprint != self.fingerprint:
+            raise ConfigError(f"the model's weights are not those that made the index ({predictor.fingerprint} "
+                              f"here, {self.fingerprint} in the index): its model or weights file changed")
+
     def id_of(self, uri: str) -> int | None:
         """The id of an indexed URI (exact text), or None."""
         found = pc.index(self._uris, pa.scalar(uri, pa.string())).as_py()

@@ -120,8 +120,7 @@ def _count(n: int, limit: int) -> None:
 
 def check_ready(service: Service) -> None:
     if not service.ready:
-        reason = service.load_error or ("shutting down" if service.draining else "the model is loading")
-        raise BadRequest(503, f"not ready: {reason}")
+        raise BadRequest(503, f"not ready: {service.not_ready_reason}")
 
 def all_failed(loaded: list[Loaded], results: list[dict[str, Any]]) -> None:
     """A request none of whose images could be used is refused (422), with each one's error row."""

@@ -8,7 +8,7 @@ import dataclasses
 import gc
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +80,10 @@ class Service:
     """A warm predictor (built by ``load``, on a thread, while the server already answers ``/healthz``), the
     batcher in front of it and, optionally, a search index."""
 
-    def __init__(self, config: ServeConfig, index: Any = None, metrics: Metrics | None = None,
-                 build: Callable[[ModelSpec], Any] | None = None) -> None:
+    def __init__(self, config: ServeConfig, index: Any = None, metrics: Metrics | None = None) -> None:
         self.config, self.index = config, index
         self.metrics = metrics or Metrics()
         self.spec = dataclasses.replace(config.spec, batch_size=config.max_batch)
-        self._build = build
         self.predictor: Any = None
         self.schema: Any = None
         self.load_error: str | None = None
@@ -100,23 +98,22 @@ class Service:
     def ready(self) -> bool:
         return self.predictor is not None and not self.draining
 
+    @property
+    def not_ready_reason(self) -> str:
+        """Why requests get 503 now (for ``/readyz`` and the routes)."""
+        return self.load_error or ("shutting down" if self.draining else "the model is loading")
+
     def load(self) -> None:
         """Build the predictor and compile (warm) every batch size; errors are kept for ``/readyz`` and the CLI."""
         try:
-            build = self._build
-            if build is None:
-                from workers.models.loader import build_predictor
-                from workers.settings import Settings
+            from workers.models.loader import PredictorCache
 
-                torch_compile = Settings.from_env().torch_compile
-                build = lambda spec: build_predictor(spec, torch_compile=torch_compile)  # noqa: E731
-            predictor = build(self.spec)
             sizes = batch_sizes(self.config.max_batch)
-            if hasattr(predictor, "with_batch_sizes"):
-                predictor = predictor.with_batch_sizes(sizes)
-                for n in sizes:
-                    predictor.predict(np.zeros((n, *predictor.input_hw, 3), np.uint8))
-            self._check_index(predictor)
+            predictor = PredictorCache(1).get(self.spec).with_batch_sizes(sizes)
+            for n in sizes:
+                predictor.predict(np.zeros((n, *predictor.input_hw, 3), np.uint8))
+            if self.index is not None:
+                self.index.check_model(predictor)
             self.schema = schema_for(self.spec, predictor)
             gc.collect()
             gc.freeze()  # the framework's ~500k objects are never scanned again: ~10 % more requests/s on 2 cores
@@ -126,16 +123,6 @@ class Service:
         except Exception as exc:  # reported by /readyz and, as one line, by the CLI, which then stops
             self.load_error = str(exc) or type(exc).__name__
             log.debug("loading the model failed", exc_info=True)
-
-    def _check_index(self, predictor: Any) -> None:
-        index = self.index
-        if index is None:
-            return
-        if index.column not in predictor.feature_columns:
-            raise ConfigError(f"the model makes no {index.column!r} features for the index")
-        if index.fingerprint and predictor.fingerprint != index.fingerprint:
-            raise ConfigError(f"the model's weights ({predictor.fingerprint}) are not those the index was built "
-                              f"with ({index.fingerprint}): its model files changed")
 
     def pool(self) -> Any:
         if self._pool is None:
