@@ -64,6 +64,8 @@ def predict_loaded(predictor: Any, schema: pa.Schema, loaded: Sequence[Loaded]) 
     for start in range(0, len(loaded), size):
         inputs = host_inputs(list(loaded[start:start + size]))
         parts.append(to_rows(schema, predictor, inputs, infer(predictor, inputs)))
+    if len(parts) == 1:  # the service's batches: one model call, no copy
+        return parts[0]
     if not parts:
         return pa.RecordBatch.from_pylist([], schema=schema)
     return pa.Table.from_batches(parts, schema).combine_chunks().to_batches()[0]
