@@ -200,6 +200,19 @@ def build_parser() -> Parser:
     p.add_argument("--allow-partial", action="store_true", help="write what is done; warn about the rest")
     _s3_option(p)
     _broker_option(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a job: counts, timings, thumbnails, errors")
+    p.add_argument("source", metavar="JOB|OUTPUT", help="a job id (its state from Redis, its rows from its output) "
+                   "or an output file or folder (.parquet, .csv, .jsonl; local or s3://), e.g. what `run` wrote")
+    p.add_argument("--output", "-o", required=True, help="the HTML file to write")
+    _s3_option(p)
+    _broker_option(p)
+
+    p = sub.add_parser("exporter", help="Prometheus metrics of jobs and queues from Redis (for dashboards and "
+                       "autoscalers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=9809, help="port (default 9809; 0 picks a free one)")
+    _broker_option(p)
     return parser
 
 
@@ -461,10 +474,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, index=index, log_level="info" if args.verbose else "warning")
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from producer.report import report_command
+
+    return report_command(args)
+
+
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    from producer.exporter import exporter_command
+
+    return exporter_command(args)
+
+
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "submit": _cmd_submit, "status": _cmd_status, "collect": _cmd_collect,
             "models": _cmd_models, "layers": _cmd_layers, "train-head": _cmd_train_head, "jobs": _cmd_jobs,
             "retry": _cmd_retry, "cancel": _cmd_cancel, "delete": _cmd_delete, "index": _cmd_index,
-            "search": _cmd_search}
+            "search": _cmd_search, "report": _cmd_report, "exporter": _cmd_exporter}
 
 
 class Terminated(BatchInferError):

@@ -175,7 +175,9 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                 return Outcome(FAILED, reason, error=exc, attempt=start.attempt)
             log.warning("%s: attempt %d failed (%s); retrying in %.0fs", where, start.attempt, reason, retry_in)
             return Outcome(RETRYING, reason, retry_in=retry_in, error=exc, attempt=start.attempt)
-        record = {"images": result.images, "errors": result.errors, "seconds": round(result.timings["total"], 3)}
+        record = {"images": result.images, "errors": result.errors, "seconds": round(result.timings["total"], 3),
+                  # where the shard's time went (the report's stage breakdown; read_decode overlaps the others)
+                  "stages": {k: round(v, 3) for k, v in result.timings.items() if k != "total"}}
         ended = _retrying(lambda: store.finish(task.job_id, task.shard_id, token, record), where, patience)
     _maybe_complete_job(ended, task, store)
     return Outcome(DONE, result=result, attempt=start.attempt)
