@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from workers.contract import TASK_NAME
 from workers.errors import ConfigError
@@ -74,3 +74,29 @@ def _check_backend(**_: Any) -> None:
         check()
     except ConfigError as exc:
         raise SystemExit(f"batchinfer worker: error: {exc}") from None
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """``BATCHINFER_METRICS_PORT``: the main process serves ``/metrics``, ``/healthz`` and ``/readyz`` before the
+    pool forks (``workers.metrics.worker``); a port that cannot be had is one line and an exit."""
+    from workers.metrics.worker import serve_worker_metrics
+
+    try:
+        serve_worker_metrics(Settings.from_env())
+    except ConfigError as exc:
+        raise SystemExit(f"batchinfer worker: error: {exc}") from None
+
+
+@worker_ready.connect
+def _ready(**_: Any) -> None:
+    from workers.metrics.worker import HEALTH
+
+    HEALTH.ready = True
+
+
+@worker_shutting_down.connect
+def _not_ready(**_: Any) -> None:
+    from workers.metrics.worker import HEALTH
+
+    HEALTH.ready = False

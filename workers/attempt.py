@@ -114,8 +114,9 @@ def _check_output(task: ShardTask) -> None:
 
 
 def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any], settings: Settings,
-                holder: Holder, on_batch: Callable[[int], None] | None = None) -> Outcome:
-    """Run one delivery of ``task`` under the job's state machine; see the module docstring."""
+                holder: Holder, on_batch: Callable[[int], None] | None = None, meter: Any = None) -> Outcome:
+    """Run one delivery of ``task`` under the job's state machine; see the module docstring. ``meter``
+    (``workers.pipeline.Meter``) is told each batch's stage seconds."""
     where = f"job {task.job_id} {task.name}"
     patience = 2 * settings.lease_seconds
 
@@ -157,7 +158,8 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                 result = carry_shard(task, carry, settings)
             else:
                 predictor = get_predictor(task.model)
-                result = process_shard(task, predictor, settings, should_stop=lease.should_stop, on_batch=on_batch)
+                result = process_shard(task, predictor, settings, should_stop=lease.should_stop, on_batch=on_batch,
+                                       meter=meter)
         except ShardStopped as stop:
             why = stop.reason
             if why == LOST:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from workers import __version__
 from workers.contract import ShardTask
@@ -39,6 +39,13 @@ class ShardResult:
     images: int
     errors: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class Meter(Protocol):
+    """Told where each batch's time went (``workers.metrics.worker.WorkerMetrics`` records it)."""
+
+    def batch(self, images: int, errors: int, seconds: dict[str, float]) -> None: ...
+    def commit(self, seconds: float) -> None: ...
 
 
 def job_metadata(task: ShardTask, predictor: Any) -> dict[str, Any]:
@@ -123,13 +130,15 @@ def _device_inputs(batches: Iterator[list[Loaded]], decoder: Any, ahead: ThreadP
 
 def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = None,
                   should_stop: Callable[[], str | None] | None = None,
-                  on_batch: Callable[[int], None] | None = None, feed: Feeder | None = None) -> ShardResult:
+                  on_batch: Callable[[int], None] | None = None, feed: Feeder | None = None,
+                  meter: Meter | None = None) -> ShardResult:
     """Run one shard through ``predictor`` into its sink; return counts and stage timings.
 
     ``should_stop`` is asked before each batch; a reason makes it raise ``ShardStopped``, and the sink
     discards what it wrote (nothing of the shard is committed). ``on_batch(n)`` is told each batch's
-    image count (a progress bar). Images load through ``feed``, by default this process's feeder with
-    ``settings.io_threads`` threads, which may have started on this shard already (``Feeder.announce``).
+    image count (a progress bar), ``meter`` each batch's stage seconds. Images load through ``feed``, by
+    default this process's feeder with ``settings.io_threads`` threads, which may have started on this shard
+    already (``Feeder.announce``).
     """
     settings = settings or Settings.from_env()
     spec = task.model
@@ -165,24 +174,32 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
                 raise ShardStopped(reason)
             t0 = time.perf_counter()
             item = next(ready, None)
-            timings["wait"] += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            timings["wait"] += waited
             if item is None:
                 break
             batch, ok = item.batch, item.ok
             t0 = time.perf_counter()
             outputs = infer(predictor, item)
-            timings["predict"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             rows = to_rows(schema, predictor, item, outputs, kept_arrays(schema, kept, images, images + len(batch)))
             sink.write(rows)
-            timings["write"] += time.perf_counter() - t0
-            timings["read_decode"] += sum(b.seconds for b in batch) + item.seconds
+            t2 = time.perf_counter()
+            seconds = {"read_decode": sum(b.seconds for b in batch) + item.seconds, "wait": waited,
+                       "predict": t1 - t0, "write": t2 - t1}
+            for stage, value in seconds.items():
+                timings[stage] += value
             images += len(batch)
             errors += len(batch) - len(ok)
             if on_batch is not None:
                 on_batch(len(batch))
+            if meter is not None:
+                meter.batch(len(batch), len(batch) - len(ok), seconds)
         t0 = time.perf_counter()
-    timings["write"] += time.perf_counter() - t0  # the sink's commit
+    committed = time.perf_counter() - t0  # the sink's commit
+    timings["write"] += committed
+    if meter is not None:
+        meter.commit(committed)
     timings["total"] = time.perf_counter() - start
     log.info(
         "job %s %s: %d images, %d errors in %.2fs (%s)", task.job_id, task.name, images, errors,

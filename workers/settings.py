@@ -60,6 +60,21 @@ def _flag(env: dict[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
 
 
+def _ports(env: dict[str, str], name: str) -> tuple[int, int] | None:
+    """``9808`` or a range ``9808-9815`` (several workers on one host take the first free port of it)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    low, dash, high = raw.partition("-")
+    try:
+        ports = (int(low), int(high if dash else low))
+    except ValueError:
+        raise ConfigError(f"{name} must be a port (9808) or a range (9808-9815), got {raw!r}") from None
+    if not 0 < ports[0] <= ports[1] < 65536:
+        raise ConfigError(f"{name} must be a port from 1 to 65535 or a rising range of them, got {raw!r}")
+    return ports
+
+
 def _seconds(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -88,6 +103,9 @@ class Settings:
     to connect, timed out or got 429/5xx, at most ``http_max_redirects`` redirects, and responses larger
     than ``http_max_bytes`` are refused.
 
+    ``metrics_ports`` (``BATCHINFER_METRICS_PORT``: a port or a range): a worker serves Prometheus metrics there,
+    on ``metrics_host``; unset, it serves none.
+
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
     """
@@ -112,6 +130,8 @@ class Settings:
     http_max_redirects: int = 5
     http_max_bytes: int = 50 << 20
     torch_compile: bool = False
+    metrics_ports: tuple[int, int] | None = None
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -139,6 +159,8 @@ class Settings:
             http_max_redirects=_positive(env, "BATCHINFER_HTTP_MAX_REDIRECTS", 5, least=0),
             http_max_bytes=_positive(env, "BATCHINFER_HTTP_MAX_BYTES", 50 << 20),
             torch_compile=_flag(env, "BATCHINFER_TORCH_COMPILE"),
+            metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
+            metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
         ).checked()
 
     def checked(self) -> Settings:

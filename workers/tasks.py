@@ -43,13 +43,17 @@ def _import_libraries(**_: Any) -> None:
 
 
 @lru_cache(maxsize=1)
-def _process_state() -> tuple[Settings, RedisJobStore, Any]:
-    """Per-process singletons, created after the pool forks (never in the parent)."""
+def _process_state() -> tuple[Settings, RedisJobStore, Any, Any]:
+    """Per-process singletons, created after the pool forks (never in the parent): settings, job state, the
+    model cache and the metrics this process records (None unless ``BATCHINFER_METRICS_PORT`` is set)."""
+    from workers.metrics.worker import pool_metrics
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
     store = RedisJobStore.from_url(settings.state_url, settings.retention)
-    return settings, store, PredictorCache(settings.model_cache_size, settings=settings)
+    metrics = pool_metrics(settings)
+    on_build = (lambda p, seconds: metrics.model_loaded(p.model_name, seconds)) if metrics else None
+    return settings, store, PredictorCache(settings.model_cache_size, settings=settings, on_build=on_build), metrics
 
 
 @worker_shutting_down.connect
@@ -62,10 +66,12 @@ def _hand_back_on_shutdown(**_: Any) -> None:
 def process_shard_task(self: Any, task: dict[str, Any]) -> dict[str, Any]:
     """Process one delivery of a shard; see the module docstring for how it ends."""
     shard = ShardTask.from_dict(task)
-    settings, store, cache = _process_state()
+    settings, store, cache, metrics = _process_state()
     holder = Holder(worker=self.request.hostname or "celery",
                     delivery_tag=(self.request.properties or {}).get("delivery_tag"))
-    outcome = run_attempt(shard, store, cache.get, settings, holder)
+    outcome = run_attempt(shard, store, cache.get, settings, holder, meter=metrics)
+    if metrics is not None:
+        metrics.attempt(outcome.state, outcome.result.timings["total"] if outcome.result else None)
     if outcome.state == FAILED:
         raise ShardFailed(f"job {shard.job_id} {shard.name}: {outcome.detail}")
     if outcome.state == RETRYING:

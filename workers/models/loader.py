@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import re
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -310,8 +311,11 @@ def _warm(predictor: Predictor, backend: str) -> None:
 class PredictorCache:
     """A small per-process LRU of warm predictors, keyed by the model spec."""
 
-    def __init__(self, maxsize: int = 2, build: Any = None, settings: Settings | None = None) -> None:
+    def __init__(self, maxsize: int = 2, build: Any = None, settings: Settings | None = None,
+                 on_build: Callable[[Predictor, float], None] | None = None) -> None:
+        """``on_build(predictor, seconds)`` is told each model built (the worker's load-time metric)."""
         self.maxsize = max(1, maxsize)
+        self.on_build = on_build
         if build is None:
             torch_compile = (settings or Settings.from_env()).torch_compile
             build = lambda spec: build_predictor(spec, torch_compile=torch_compile)  # noqa: E731
@@ -324,8 +328,11 @@ class PredictorCache:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
+        start = time.perf_counter()
         predictor = self._build(spec)
         self.builds += 1
+        if self.on_build is not None:
+            self.on_build(predictor, time.perf_counter() - start)
         self._items[key] = predictor
         while len(self._items) > self.maxsize:
             evicted, _ = self._items.popitem(last=False)
