@@ -8,7 +8,6 @@ shard's failure escape as an exception, it returns an ``Outcome`` the caller map
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from workers.carry import carry_shard
 from workers.contract import ShardTask
 from workers.errors import ConfigError, ShardError, ShardStopped
 from workers.jobstate import DEAD, RUN, SKIP_RUNNING, Holder
-from workers.lease import LOST, Lease
+from workers.lease import LOST, Lease, pid_alive
 from workers.pipeline import ShardResult, process_shard
 from workers.settings import Settings
 from workers.sinks import sink_class
@@ -53,19 +52,9 @@ class Outcome:
         return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _dead_on_this_host(lease: dict[str, Any] | None) -> bool:
     """A lease held by a process of this machine that no longer exists (a pool child killed a moment ago)."""
-    return bool(lease) and lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0)))  # type: ignore[union-attr]
+    return bool(lease) and lease.get("host") == socket.gethostname() and not pid_alive(int(lease.get("pid", 0)))  # type: ignore[union-attr]
 
 
 def _retrying(call: Callable[[], Any], what: str, patience: float) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -79,3 +80,14 @@ class Lease:
             if answer == "cancelled":
                 self.reason = CANCELLED
                 return
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (a lease holder, a pool process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

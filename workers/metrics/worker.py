@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from workers.lease import pid_alive
 from workers.metrics.device import device_memory, resident_bytes
 from workers.metrics.http import Endpoint, bind, serve_in_background, url_of
 from workers.settings import Settings
@@ -133,19 +134,9 @@ class _LiveCollector:
 
         for path in glob.glob(os.path.join(self.folder, "gauge_live*_*.db")):
             match = re.search(r"_(\d+)\.db$", path)
-            if match and not _alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 mark_process_dead(int(match.group(1)), self.folder)
         return self.inner.collect()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serve_worker_metrics(settings: Settings) -> str | None:
