@@ -313,7 +313,7 @@ def _store(args: argparse.Namespace) -> tuple:
     from producer.submit import settings_with_broker
 
     settings = settings_with_broker(args.broker)
-    return settings, connect_store(settings.state_url, settings.retention)
+    return settings, connect_store(settings.state_url, settings.retention, settings.redis_tls)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -387,11 +387,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     fmt = format_for(args.output, args.format)
     check_writable(args.output)  # before waiting or reading a row
     settings = settings_with_broker(args.broker)
-    store = connect_store(settings.state_url, settings.retention)
+    store = connect_store(settings.state_url, settings.retention, settings.redis_tls)
     redis_client = None
     job = store.get_job(args.job_id)
     if job is not None and job.spec["output"]["sink"] == "redis":
-        redis_client = connect_store(settings.redis_sink_url).client
+        redis_client = connect_store(settings.redis_sink_url, tls=settings.redis_tls).client
     started = time.monotonic()
     rows = collect(store, args.job_id, args.output, fmt, wait=args.wait, allow_partial=args.allow_partial,
                    timeout=args.timeout, redis_client=redis_client)

@@ -192,21 +192,18 @@ def serve(reader: JobsReader, host: str, port: int) -> Any:
 
 def exporter_command(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or Ctrl-C. Redis need not be up yet: scrapes say ``batchinfer_state_up 0`` meanwhile."""
-    import redis
-
     from producer.submit import settings_with_broker
     from workers.errors import ConfigError
     from workers.metrics.http import url_of
+    from workers.recovery import broker_client
     from workers.redis_jobstore import RedisJobStore
 
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be from 0 to 65535, got {args.port}")
     settings = settings_with_broker(args.broker)
-    store = RedisJobStore.from_url(settings.state_url, settings.retention, socket_timeout=10)
-    broker = None
-    if settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        broker = store.client if settings.broker_url == settings.state_url else redis.Redis.from_url(
-            settings.broker_url, socket_timeout=10)
+    store = RedisJobStore.from_url(settings.state_url, settings.retention, socket_timeout=10, tls=settings.redis_tls)
+    broker = store.client if settings.broker_url == settings.state_url else broker_client(settings.broker_url,
+                                                                                          settings.redis_tls)
     server = serve(JobsReader(store, broker, settings), args.host, args.port)
     print(f"batchinfer exporter: serving {url_of(server)} for {redact(settings.state_url)}", file=sys.stderr,
           flush=True)

@@ -7,6 +7,7 @@ import secrets
 import time
 
 from workers.errors import BrokerError, ConfigError
+from workers.redis_conn import RedisTLS
 from workers.redis_jobstore import RedisJobStore
 from workers.settings import redact
 
@@ -26,11 +27,11 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def connect_store(url: str, retention: float = 7 * 24 * 3600) -> RedisJobStore:
+def connect_store(url: str, retention: float = 7 * 24 * 3600, tls: RedisTLS | None = None) -> RedisJobStore:
     """A job store whose server answered a ping, or ``BrokerError`` naming the URL (password hidden)."""
     import redis
 
-    store = RedisJobStore.from_url(url, retention)
+    store = RedisJobStore.from_url(url, retention, tls=tls)
     try:
         store.client.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError) as exc:

@@ -47,6 +47,8 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,  # Flower shows running shards
     }
+    if settings.broker_url.startswith("rediss://"):  # TLS: the CA, client certificate and checks (workers.redis_conn)
+        config["broker_use_ssl"] = settings.redis_tls.celery()
     for name, raw in env.items():
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             try:

@@ -154,13 +154,13 @@ def celery_publisher(app: Any, queue: str) -> Callable[[ShardTask], None]:
     return publish
 
 
-def broker_client(url: str) -> Any:
+def broker_client(url: str, tls: Any = None) -> Any:
     """A Redis client for the broker's own keys, or None when the broker is not Redis."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    import redis
+    from workers.redis_conn import redis_client
 
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    return redis_client(url, tls, socket_connect_timeout=5, socket_timeout=30)
 
 
 def recovery_step() -> Any:
@@ -180,9 +180,9 @@ def recovery_step() -> Any:
             from workers.redis_jobstore import RedisJobStore
 
             settings = Settings.from_env()
-            store = RedisJobStore.from_url(settings.state_url, settings.retention)
+            store = RedisJobStore.from_url(settings.state_url, settings.retention, tls=settings.redis_tls)
             self.recovery = Recovery(store, settings, parent.hostname, celery_publisher(parent.app, settings.queue),
-                                     broker_client(settings.broker_url))
+                                     broker_client(settings.broker_url, settings.redis_tls))
             self.thread = threading.Thread(target=self.recovery.run, args=(self.stop_event,), daemon=True,
                                            name="batchinfer-recovery")
             self.thread.start()

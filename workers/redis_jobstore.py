@@ -14,6 +14,7 @@ from typing import Any
 from workers import keys, lua
 from workers.contract import ShardList
 from workers.jobstate import Begin, Holder, JobState
+from workers.redis_conn import RedisTLS, redis_client
 
 
 def _s(value: Any) -> str | None:
@@ -43,11 +44,10 @@ class RedisJobStore:
             "ADD_SHARD", "CREATE", "CLAIM_DUE", "DROP_CLAIMED")}
 
     @classmethod
-    def from_url(cls, url: str, retention: float = 7 * 24 * 3600, socket_timeout: float | None = 30) -> RedisJobStore:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout,
-                                      health_check_interval=30)
+    def from_url(cls, url: str, retention: float = 7 * 24 * 3600, socket_timeout: float | None = 30,
+                 tls: RedisTLS | None = None) -> RedisJobStore:
+        client = redis_client(url, tls, socket_connect_timeout=5, socket_timeout=socket_timeout,
+                              health_check_interval=30)
         return cls(client, retention)
 
     def _transition(self, name: str, job_id: str, shard_id: int | str, *args: Any) -> Any:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from workers.errors import ConfigError
+from workers.redis_conn import RedisTLS
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
@@ -106,6 +107,8 @@ class Settings:
     ``metrics_ports`` (``BATCHINFER_METRICS_PORT``: a port or a range): a worker serves Prometheus metrics there,
     on ``metrics_host``; unset, it serves none.
 
+    ``redis_tls``: the TLS options of ``rediss://`` URLs (``workers.redis_conn``).
+
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
     """
@@ -132,6 +135,7 @@ class Settings:
     torch_compile: bool = False
     metrics_ports: tuple[int, int] | None = None
     metrics_host: str = "0.0.0.0"
+    redis_tls: RedisTLS = RedisTLS()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -161,6 +165,7 @@ class Settings:
             torch_compile=_flag(env, "BATCHINFER_TORCH_COMPILE"),
             metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
+            redis_tls=RedisTLS.from_env(env),
         ).checked()
 
     def checked(self) -> Settings:

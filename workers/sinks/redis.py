@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import redis
 
 from workers import keys
+from workers.redis_conn import redis_client
 from workers.settings import Settings
 from workers.sinks.base import Sink
 
@@ -36,7 +36,7 @@ class RedisSink(Sink):
 
     def __init__(self, task: Any, schema: pa.Schema, settings: Settings | None = None) -> None:
         settings = settings or Settings.from_env()
-        self.client = redis.Redis.from_url(settings.redis_sink_url)
+        self.client = redis_client(settings.redis_sink_url, settings.redis_tls)
         self.job_id = task.job_id
         self.shard = task.name
         self.ttl = int(task.output.ttl or 0)
@@ -86,7 +86,8 @@ class RedisSink(Sink):
 
     @classmethod
     def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
-        client = redis.Redis.from_url((settings or Settings.from_env()).redis_sink_url)
+        settings = settings or Settings.from_env()
+        client = redis_client(settings.redis_sink_url, settings.redis_tls)
         raw = client.hget(keys.committed(task.job_id), task.name)
         if raw is None:
             return None
