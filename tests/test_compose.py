@@ -13,6 +13,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 REDIS_CONF = ROOT / "infra" / "redis.conf"
+PROMETHEUS_CONF = ROOT / "infra" / "prometheus.yml"
 DOCKERFILES = sorted((ROOT / "infra").glob("Dockerfile*"))
 
 # `${REDIS_PASSWORD}`, optionally with a `:?message` / `-default`-style modifier.
@@ -44,6 +45,25 @@ def _env(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def _option(argv: list[str], name: str) -> str:
+    """The value of `--name VALUE` or `--name=VALUE` in an argv."""
+    for i, word in enumerate(argv):
+        if word == name:
+            return argv[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {argv}")
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, list[str]]]:
+    """Short-syntax volumes as {container path: (source, options)}."""
+    out = {}
+    for volume in service.get("volumes", []):
+        src, dst, *opts = str(volume).split(":")
+        out[dst] = (src, opts)
+    return out
+
+
 def _redis_conf() -> dict[str, list[str]]:
     directives: dict[str, list[str]] = {}
     for line in REDIS_CONF.read_text().splitlines():
@@ -55,7 +75,7 @@ def _redis_conf() -> dict[str, list[str]]:
 
 
 def test_services_exist(services):
-    assert {"redis", "worker", "flower", "producer"} <= set(services)
+    assert {"redis", "worker", "flower", "producer", "exporter", "prometheus"} <= set(services)
 
 
 def test_redis_conf_persistence_and_noeviction(services):
@@ -87,7 +107,7 @@ def test_redis_password_from_environment(services):
 
 
 def test_no_literal_password_committed():
-    for path in [COMPOSE, REDIS_CONF, ROOT / ".dockerignore", *DOCKERFILES]:
+    for path in [COMPOSE, REDIS_CONF, PROMETHEUS_CONF, ROOT / ".dockerignore", *DOCKERFILES]:
         text = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
         for secret in re.findall(r"redis://:([^@\s]*)@", text):
             assert PASSWORD_VAR.match(secret), f"{path.name}: literal password in broker URL"
@@ -145,6 +165,7 @@ def test_build_dockerfiles_exist_under_infra(services):
         built[name] = dockerfile.name
     assert built.get("worker") == "Dockerfile.gpu"
     assert built.get("producer") == "Dockerfile"
+    assert built.get("exporter") == "Dockerfile"
 
 
 def test_flower_exposes_5555(services):
@@ -162,11 +183,73 @@ def test_flower_exposes_5555(services):
 def test_broker_urls_use_password_variable(services):
     assert _env(services["worker"])["BATCHINFER_BROKER_URL"] == BROKER_URL
     assert _env(services["producer"])["BATCHINFER_BROKER_URL"] == BROKER_URL
+    assert _env(services["exporter"])["BATCHINFER_BROKER_URL"] == BROKER_URL
     assert f"--broker={BROKER_URL}" in _argv(services["flower"]["command"])
 
 
 def test_named_volumes_declared(compose):
-    assert {"redis-data", "keras-cache"} <= set(compose["volumes"])
+    assert {"redis-data", "keras-cache", "prometheus-data"} <= set(compose["volumes"])
+
+
+def test_worker_serves_metrics_on_the_compose_network_only(services):
+    worker = services["worker"]
+    port = _env(worker)["BATCHINFER_METRICS_PORT"]
+    assert port == "9808" and port in [str(p) for p in worker["expose"]]
+    assert "ports" not in worker, "with --scale worker=N a published port would clash; Prometheus is inside"
+
+
+def test_exporter_runs_the_cli_on_the_cpu_image(services):
+    exporter = services["exporter"]
+    assert exporter["image"] == services["producer"]["image"] and "deploy" not in exporter  # no GPU
+    argv = _argv(exporter["entrypoint"]) + _argv(exporter["command"])
+    assert argv[:2] == ["batchinfer", "exporter"] and _option(argv, "--host") == "0.0.0.0"
+    port = _option(argv, "--port")
+    assert [str(p) for p in exporter["expose"]] == [port] and "ports" not in exporter
+    assert f"127.0.0.1:{port}/healthz" in " ".join(_argv(exporter["healthcheck"]["test"]))
+    assert exporter["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_prometheus_pinned_local_only_config_read_only(services, compose):
+    prometheus = services["prometheus"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"]), "pin a release, not latest"
+    assert [str(p) for p in prometheus["ports"]] == ["127.0.0.1:9090:9090"]
+    argv, mounts = _argv(prometheus["command"]), _mounts(prometheus)
+    src, opts = mounts[_option(argv, "--config.file")]
+    assert (ROOT / src).resolve() == PROMETHEUS_CONF and opts == ["ro"]
+    assert mounts[_option(argv, "--storage.tsdb.path")][0] in compose["volumes"]
+
+
+@pytest.fixture(scope="module")
+def scrape_jobs() -> dict[str, dict]:
+    conf = yaml.safe_load(PROMETHEUS_CONF.read_text())
+    jobs = {job["job_name"]: job for job in conf["scrape_configs"]}
+    assert len(jobs) == len(conf["scrape_configs"]), "duplicate job_name"
+    return jobs
+
+
+def _static_targets(job: dict) -> list[str]:
+    return [t for group in job.get("static_configs", []) for t in group["targets"]]
+
+
+def test_prometheus_scrapes_every_metrics_port(services, scrape_jobs):
+    (workers,) = scrape_jobs["worker"]["dns_sd_configs"]  # every --scale replica behind the name `worker`
+    assert workers["names"] == ["worker"] and workers["type"] == "A"
+    assert str(workers["port"]) == _env(services["worker"])["BATCHINFER_METRICS_PORT"]
+    for name in ("exporter", "serve", "flower"):  # each listens on the --port its command gives
+        port = _option(_argv(services[name]["command"]), "--port")
+        assert _static_targets(scrape_jobs[name]) == [f"{name}:{port}"]
+    for job in scrape_jobs.values():
+        for target in _static_targets(job):
+            assert target.split(":")[0] in services, f"{job['job_name']}: {target} is no compose service"
+
+
+def test_prometheus_reads_the_serve_token_from_a_secret(services, compose, scrape_jobs):
+    auth = scrape_jobs["serve"]["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth, "no literal token"
+    (secret,) = services["prometheus"]["secrets"]
+    assert auth["credentials_file"] == f"/run/secrets/{secret.get('target', secret['source'])}"
+    assert compose["secrets"][secret["source"]] == {"environment": "BATCHINFER_API_TOKEN"}
+    assert secret["mode"] & 0o004, "Prometheus runs as nobody: the secret must be world-readable"
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
