@@ -514,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except BatchInferError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        from workers.settings import redact_text
+
+        print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)  # a URL quoted by a library, redacted
         return 2 if isinstance(exc, ConfigError) else 1
     except ImportError as exc:  # e.g. `run` on a machine without the Keras backend's framework
         from workers.models.backends import install_hint

@@ -200,7 +200,7 @@ def settings_with_broker(broker: str | None) -> Settings:
     settings = Settings.from_env()
     if not broker:
         return settings
-    check_redis_url(broker, "--broker")
+    broker = check_redis_url(broker, "--broker")
     state = os.environ.get("BATCHINFER_STATE_URL") or broker
     return replace(settings, broker_url=broker, state_url=state,
-                   redis_sink_url=os.environ.get("BATCHINFER_REDIS_URL") or state)
+                   redis_sink_url=os.environ.get("BATCHINFER_REDIS_URL") or state).checked()

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready, worker_shutting_down
 
 from workers.contract import TASK_NAME
 from workers.errors import ConfigError
@@ -102,3 +102,14 @@ def _not_ready(**_: Any) -> None:
     from workers.metrics.worker import HEALTH
 
     HEALTH.ready = False
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_logs(logger: Any = None, **_: Any) -> None:
+    """No password reaches a worker's log: every URL in a record is redacted (Celery masks its own banner's)."""
+    from workers.settings import RedactSecrets
+
+    for handler in getattr(logger, "handlers", []):
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

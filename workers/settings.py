@@ -6,8 +6,10 @@ the collector all read it. Secrets (Redis passwords) live only in these URLs, ne
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from workers.errors import ConfigError
 from workers.redis_conn import RedisTLS
@@ -16,14 +18,53 @@ DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
 
 
+_SECRET_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|secret|token)[^=&]*=)[^&]*")
+_URL_IN_TEXT = re.compile(r"\b(?:rediss?|unix|amqps?|sentinel)://[^\s'\"<>]*[^\s'\"<>.,:;)]")  # not the ending punctuation
+
+
 def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user + ':' if user else ':'}***@{host}"
-    return url
+    """The URL without its secrets, for messages and logs: the password of ``user:password@`` (a lone userinfo
+    too, which some clients read as a password) and the values of query parameters such as ``password=``."""
+    head, q, query = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if sep and "@" in rest.partition("/")[0]:
+        creds, host = rest.split("@", 1) if "/" not in rest.partition("@")[0] else (None, rest)
+        if creds is not None:
+            user, colon, _ = creds.partition(":")
+            head = f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+    return head + q + _SECRET_PARAM.sub(r"\1***", query)
+
+
+def redact_text(text: str) -> str:
+    """Every Redis or AMQP URL in ``text`` redacted (a message quoting a URL it was given)."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+class RedactSecrets(logging.Filter):
+    """Redacts the URLs in a log record's message (installed on the worker's log handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact_text(message), None
+        return True
+
+
+def normalized_redis_url(url: str) -> str:
+    """``?password=`` (and ``?username=``) moved into the URL's userinfo: redis-py reads both forms, but kombu's
+    URL parser fails on the query form, and one form is simpler to keep secret."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    found = {k: v for k, v in params if k in ("password", "username")}
+    if not found or "@" in parts.netloc or parts.scheme == "unix":
+        return url
+    user = quote(found.get("username", ""), safe="")
+    password = quote(found["password"], safe="") if "password" in found else None
+    userinfo = user + (f":{password}" if password is not None else "")
+    query = urlencode([(k, v) for k, v in params if k not in found])
+    return urlunsplit((parts.scheme, f"{userinfo}@{parts.netloc}", parts.path, query, parts.fragment))
 
 
 def check_redis_url(url: str, what: str) -> str:
@@ -32,7 +73,7 @@ def check_redis_url(url: str, what: str) -> str:
     if not sep or scheme.lower() not in REDIS_SCHEMES or not rest:
         shown = redact(url)
         raise ConfigError(f"{what} must be a Redis URL (redis://HOST:PORT/DB, rediss:// or unix://), got {shown!r}")
-    return url
+    return normalized_redis_url(url)
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -170,13 +211,13 @@ class Settings:
 
     def checked(self) -> Settings:
         """Every value usable, or ``ConfigError`` with one line naming the variable."""
-        check_redis_url(self.broker_url, "BATCHINFER_BROKER_URL")
-        check_redis_url(self.state_url, "BATCHINFER_STATE_URL")
-        check_redis_url(self.redis_sink_url, "BATCHINFER_REDIS_URL")
+        checked = replace(self, broker_url=check_redis_url(self.broker_url, "BATCHINFER_BROKER_URL"),
+                          state_url=check_redis_url(self.state_url, "BATCHINFER_STATE_URL"),
+                          redis_sink_url=check_redis_url(self.redis_sink_url, "BATCHINFER_REDIS_URL"))
         if self.heartbeat_seconds * 2 > self.lease_seconds:
             raise ConfigError(f"BATCHINFER_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
                              f"BATCHINFER_LEASE_SECONDS ({self.lease_seconds}), or live shards would lose their lease")
-        return self
+        return checked
 
     def backoff(self, attempt: int, jitter: float = 0.5) -> float:
         """Seconds to wait before retrying after failed attempt number ``attempt`` (1-based)."""
