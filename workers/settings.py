@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
@@ -108,6 +109,11 @@ class Settings:
 
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
+
+    Confinement (``workers.confine``): ``allowed_roots`` (``BATCHINFER_ALLOWED_ROOTS``: local folders, ``s3://``
+    and ``http(s)://`` prefixes) are the only places a task may make a worker read or write, anywhere when
+    unset; ``trusted_models`` (``BATCHINFER_TRUST_MODELS``: ``1`` or local folders) are the model files that may
+    run their own code (SavedModels, Lambda layers), none when unset.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -132,6 +138,9 @@ class Settings:
     torch_compile: bool = False
     metrics_ports: tuple[int, int] | None = None
     metrics_host: str = "0.0.0.0"
+    # confinement (workers.confine)
+    allowed_roots: Roots = ANYWHERE
+    trusted_models: Roots = NOWHERE
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -161,6 +170,8 @@ class Settings:
             torch_compile=_flag(env, "BATCHINFER_TORCH_COMPILE"),
             metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
+            allowed_roots=Roots.parse(env.get("BATCHINFER_ALLOWED_ROOTS"), "BATCHINFER_ALLOWED_ROOTS"),
+            trusted_models=trusted_models(env.get("BATCHINFER_TRUST_MODELS")),
         ).checked()
 
     def checked(self) -> Settings:
