@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -26,6 +26,7 @@ from producer.keep import kept_columns
 from producer.shards import ShardStream
 from producer.sources import Filters, check_sources
 from producer.words import plural
+from workers.confine import check_model
 from workers.contract import ModelSpec, OutputSpec, ShardTask
 from workers.errors import SourceError
 from workers.jobstate import MemoryJobStore
@@ -49,6 +50,9 @@ def run(
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
+    roots = settings.allowed_roots  # as a worker would have them: the model and the output are checked first
+    check_model(model, roots)
+    roots.check(output, "output")
     # a listing first (duplicates dropped as the job will), for the bar's total and ETA
     total = sum(len(listed.uris) for _, listed in ShardStream(sources, filters, shard_size)) if progress else None
     if total == 0:
@@ -60,6 +64,7 @@ def run(
     store = MemoryJobStore()
     job_id = new_job_id()
     workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
+    settings = replace(settings, allowed_roots=roots.extended(workdir))  # its own shard files
     out_spec = OutputSpec(sink="parquet", path=workdir, keep_columns=keep)
     store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
     bar = tqdm(desc="run", total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -72,7 +77,7 @@ def run(
             upcoming = next(stream, None)
             if upcoming is not None and upcoming[1].carry is None:  # it loads while this shard's last batches run
                 feed.announce(ShardTask(job_id, upcoming[0], upcoming[1].uris, model, out_spec,
-                                        columns=upcoming[1].columns), size)
+                                        columns=upcoming[1].columns), size, settings.allowed_roots)
             store.add_shard(job_id, shard_id, listed.uris)
             task = ShardTask(job_id, shard_id, listed.uris, model, out_spec, columns=listed.columns)
             if listed.carry is not None:  # the worker reads a carry shard's list from the spool, as on a cluster

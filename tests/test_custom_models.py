@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import custom_models
-from tests.conftest import BIN, PHOTOS, batchinfer, collect, submit
+from tests.conftest import BIN, PHOTOS, Worker, batchinfer, collect, submit
 
 IMAGES = sorted(PHOTOS.iterdir())
 
@@ -21,6 +21,17 @@ IMAGES = sorted(PHOTOS.iterdir())
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return custom_models.save_all(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url, saved, tmp_path_factory):
+    """A worker that trusts this module's model folder: a SavedModel runs its own graph, so it is refused
+    unless the worker's BATCHINFER_TRUST_MODELS names its folder (tests/test_security.py)."""
+    folder = tmp_path_factory.mktemp("worker")
+    w = Worker(redis_url, folder / "worker.log", cwd=folder,
+               extra_env={"BATCHINFER_TRUST_MODELS": str(saved["savedmodel"].parent)})
+    yield w
+    w.stop()
 
 
 CUSTOM_MODULE = """

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.carry import carry_shard
+from workers.confine import check_carry, check_task
 from workers.contract import ShardTask
 from workers.errors import ConfigError, ShardError, ShardStopped
 from workers.jobstate import DEAD, RUN, SKIP_RUNNING, Holder
@@ -127,6 +128,7 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
     token = holder.token
     with Lease(store, task.job_id, task.shard_id, token, settings.lease_seconds, settings.heartbeat_seconds) as lease:
         try:
+            check_task(task, settings.allowed_roots, settings.spool)  # before anything is read or written
             _check_output(task)
             carry = None
             if task.uris_ref and not task.uris:  # the message carries a pointer to the URIs
@@ -136,12 +138,14 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                     raise ConfigError(f"the URIs of {where} are gone (job state expired or deleted?)")
                 task = replace(task, uris=listed.uris, columns=listed.columns)
                 carry = listed.carry
+                if carry is not None:
+                    check_carry(carry["files"], settings.allowed_roots)
             counts = committed_output(task, settings) if start.runs > 1 else None
             if counts is not None:
                 log.info("%s: output already committed by an earlier attempt; marking it done", where)
                 ended = _retrying(lambda: store.finish(task.job_id, task.shard_id, token,
                                                        {**counts, "recovered": True}), where, patience)
-                _maybe_complete_job(ended, task, store)
+                _maybe_complete_job(ended, task, store, settings)
                 return Outcome(DONE, "output already committed", attempt=start.attempt)
             if carry is not None:  # an incremental run's unchanged images: copy their previous rows
                 result = carry_shard(task, carry, settings)
@@ -170,17 +174,19 @@ def run_attempt(task: ShardTask, store: Any, get_predictor: Callable[[Any], Any]
                   # where the shard's time went (the report's stage breakdown; read_decode overlaps the others)
                   "stages": {k: round(v, 3) for k, v in result.timings.items() if k != "total"}}
         ended = _retrying(lambda: store.finish(task.job_id, task.shard_id, token, record), where, patience)
-    _maybe_complete_job(ended, task, store)
+    _maybe_complete_job(ended, task, store, settings)
     return Outcome(DONE, result=result, attempt=start.attempt)
 
 
-def _maybe_complete_job(ended: str, task: ShardTask, store: Any) -> None:
+def _maybe_complete_job(ended: str, task: ShardTask, store: Any, settings: Settings) -> None:
     """This attempt finished the job: let the sink commit its job-level files (``_SUCCESS``, manifest)."""
     if ended != "finished":
         return
     try:
         job = store.get_job(task.job_id, shards=True)
         if job is not None:
+            if job.spec["output"].get("path"):  # the job state names its output too
+                settings.allowed_roots.check(job.spec["output"]["path"], "output")
             sink_class(task.output.sink).on_job_complete(job)
             log.info("job %s finished", task.job_id)
     except Exception as exc:  # the rows are committed; only the marker is missing

@@ -21,6 +21,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from workers.confine import ANYWHERE, OUTSIDE, Roots
 from workers.decode import DECODERS, Decoded, keep_encoded
 from workers.errors import ConfigError, DecodeError, ShardError
 from workers.storage import storage_for
@@ -108,20 +109,28 @@ class ShardLoads:
 Load = Callable[[str, Callable[[bytes, tuple[int, int]], Decoded], tuple[int, int]], Loaded]
 
 
-def shard_loads(task: Any, size: tuple[int, int], load_image: Load = load) -> ShardLoads:
-    """The loads of ``task`` (a ``ShardTask``) decoded at ``size`` = (height, width)."""
+def shard_loads(task: Any, size: tuple[int, int], load_image: Load = load, roots: Roots = ANYWHERE) -> ShardLoads:
+    """The loads of ``task`` (a ``ShardTask``) decoded at ``size`` = (height, width); an image outside
+    ``roots`` (``BATCHINFER_ALLOWED_ROOTS``) is not read, its row says so."""
     decode = keep_encoded if task.model.decode == "gpu" else DECODERS[task.model.decode]
-    key = (task.job_id, task.shard_id, task.model.decode, tuple(size), task.model.batch_size)
-    return ShardLoads(key, task.uris, task.model.batch_size, lambda uri: load_image(uri, decode, size))
+    key = (task.job_id, task.shard_id, task.model.decode, tuple(size), task.model.batch_size, roots)
+
+    def load_one(uri: str) -> Loaded:
+        if not roots.contains(uri):
+            return Loaded(uri, None, OUTSIDE, 0.0)
+        return load_image(uri, decode, size)
+
+    return ShardLoads(key, task.uris, task.model.batch_size, load_one)
 
 
 class Feeder:
     """Batches of loaded images for one shard after another, through one long-lived ``pool``.
 
-    ``batches(task, size)`` yields a shard's batches in input order; ``announce(task, size)`` names a
-    shard that will run later in this process (in announcement order), whose loads start as soon as
-    places in the prefetch window free up. ``load_image(uri, decode, size)`` reads and decodes one
-    image (tests pass a fake).
+    ``batches(task, size, roots)`` yields a shard's batches in input order; ``announce(task, size, roots)``
+    names a shard that will run later in this process (in announcement order), whose loads start as soon
+    as places in the prefetch window free up. ``roots`` (``Settings.allowed_roots``) is part of a shard's
+    identity: loads announced under other roots are not used. ``load_image(uri, decode, size)`` reads and
+    decodes one image (tests pass a fake).
     """
 
     def __init__(self, pool: Executor, prefetch: int = PREFETCH, load_image: Load = load) -> None:
@@ -130,10 +139,10 @@ class Feeder:
         self._lock = threading.Lock()
         self.started_early = 0  # announced shards that were already loading when they ran
 
-    def announce(self, task: Any, size: tuple[int, int]) -> None:
+    def announce(self, task: Any, size: tuple[int, int], roots: Roots = ANYWHERE) -> None:
         """``task`` runs after the shards running or announced now."""
         with self._lock:
-            self._announced.append(shard_loads(task, size, self._load_image))
+            self._announced.append(shard_loads(task, size, self._load_image, roots))
 
     def cancel_announced(self) -> None:
         """The announced shards will not run (the run stopped): stop loading them."""
@@ -141,9 +150,10 @@ class Feeder:
             while self._announced:
                 self._announced.popleft().cancel()
 
-    def batches(self, task: Any, size: tuple[int, int]) -> Generator[list[Loaded], None, None]:
+    def batches(self, task: Any, size: tuple[int, int],
+                roots: Roots = ANYWHERE) -> Generator[list[Loaded], None, None]:
         """Yield ``task``'s loaded batches in order; stopping early cancels its loads not yet started."""
-        loads = self._claim(shard_loads(task, size, self._load_image))
+        loads = self._claim(shard_loads(task, size, self._load_image, roots))
         try:
             while True:
                 self._top_up(loads)

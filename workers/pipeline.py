@@ -160,7 +160,7 @@ def process_shard(task: ShardTask, predictor: Any, settings: Settings | None = N
     images = errors = 0
     start = time.perf_counter()
 
-    batches = feed.batches(task, size)
+    batches = feed.batches(task, size, settings.allowed_roots)
     with ExitStack() as stack:
         sink = stack.enter_context(open_sink(task, schema, settings))
         stack.enter_context(closing(batches))  # a stop cancels the loads not started

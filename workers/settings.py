@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 
+from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
 from workers.redis_conn import RedisTLS
 
@@ -19,7 +20,8 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and komb
 
 
 _SECRET_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|secret|token)[^=&]*=)[^&]*")
-_URL_IN_TEXT = re.compile(r"\b(?:rediss?|unix|amqps?|sentinel)://[^\s'\"<>]*[^\s'\"<>.,:;)]")  # not the ending punctuation
+# a URL in free text, without the punctuation that ends its sentence
+_URL_IN_TEXT = re.compile(r"\b(?:rediss?|unix|amqps?|sentinel)://[^\s'\"<>]*[^\s'\"<>.,:;)]")
 
 
 def redact(url: str) -> str:
@@ -152,6 +154,11 @@ class Settings:
 
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
+
+    Confinement (``workers.confine``): ``allowed_roots`` (``BATCHINFER_ALLOWED_ROOTS``: local folders, ``s3://``
+    and ``http(s)://`` prefixes) are the only places a task may make a worker read or write, anywhere when
+    unset; ``trusted_models`` (``BATCHINFER_TRUST_MODELS``: ``1`` or local folders) are the model files that may
+    run their own code (SavedModels, Lambda layers), none when unset.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -177,6 +184,9 @@ class Settings:
     metrics_ports: tuple[int, int] | None = None
     metrics_host: str = "0.0.0.0"
     redis_tls: RedisTLS = RedisTLS()
+    # confinement (workers.confine)
+    allowed_roots: Roots = ANYWHERE
+    trusted_models: Roots = NOWHERE
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -207,6 +217,8 @@ class Settings:
             metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
             redis_tls=RedisTLS.from_env(env),
+            allowed_roots=Roots.parse(env.get("BATCHINFER_ALLOWED_ROOTS"), "BATCHINFER_ALLOWED_ROOTS"),
+            trusted_models=trusted_models(env.get("BATCHINFER_TRUST_MODELS")),
         ).checked()
 
     def checked(self) -> Settings:

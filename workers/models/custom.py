@@ -1,23 +1,46 @@
 """Your own models: ``.keras`` files, legacy ``.h5`` files and TensorFlow SavedModel folders (TensorFlow only).
 
 A model file may have a sidecar ``<file>.json`` (``train-head`` writes one) with ``labels``,
-``preprocess`` and ``input_shape``; flags given with the job win over it. Models load with Keras'
-``safe_mode`` (no arbitrary Lambda code) and with the custom objects older Keras applications
-needed (``relu6``, ``DepthwiseConv2D``), as in the Keras documentation's MobileNet example, plus
-any the operator registers with ``BATCHINFER_CUSTOM_OBJECTS``.
+``preprocess`` and ``input_shape``; flags given with the job win over it. Models load with the custom
+objects older Keras applications needed (``relu6``, ``DepthwiseConv2D``), as in the Keras
+documentation's MobileNet example, plus any the operator registers with ``BATCHINFER_CUSTOM_OBJECTS``.
+
+A model file that runs its own code loads only from where the workers trust it
+(``BATCHINFER_TRUST_MODELS``, ``workers.confine``): a SavedModel runs its own graph (any TensorFlow op,
+``tf.io.write_file`` included), so an untrusted one is refused before TensorFlow opens it; ``.keras`` and
+``.h5`` files load with Keras' ``safe_mode`` (from Keras 3.13.2 it covers both: Lambda layers' Python code,
+TFSMLayers and functions outside Keras are refused; with an older Keras they are refused untrusted),
+trusted ones without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from workers.confine import HOW_TO_TRUST, NOWHERE, Roots
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
+
+# The first Keras whose safe_mode covers legacy .h5 files (CVE-2025-9905, fixed in 3.11.3) and TFSMLayers in a
+# .keras file (CVE-2026-1462, fixed in 3.13.2); before it, safe_mode cannot stand in for trust.
+SAFE_MODE_KERAS = (3, 13, 2)
+
+
+def _keras_version(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version: ``3.15.1`` -> (3, 15, 1), ``3.13.2rc1`` -> (3, 13, 2)."""
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+        if digits != piece:
+            break
+    return tuple(parts)
 
 
 @dataclass
@@ -76,8 +99,9 @@ def read_labels(path: str) -> list[str]:
         return [line.strip() for line in fh if line.strip()]
 
 
-def load_custom(spec: ModelSpec) -> LoadedModel:
-    """Load ``spec.model_path`` and work out its input size (flags, then the model, then the sidecar)."""
+def load_custom(spec: ModelSpec, trusted: Roots = NOWHERE) -> LoadedModel:
+    """Load ``spec.model_path`` and work out its input size (flags, then the model, then the sidecar);
+    ``trusted`` (``Settings.trusted_models``) are the model files that may run their own code."""
     import keras
 
     path = spec.model_path or ""
@@ -92,6 +116,9 @@ def load_custom(spec: ModelSpec) -> LoadedModel:
         if backend != "tensorflow":
             raise ConfigError(f"{path} is a TensorFlow SavedModel, which runs only with KERAS_BACKEND=tensorflow "
                               f"(this is {backend}); save the model as .keras to run it on {backend}")
+        if not trusted.contains(path):
+            raise ConfigError(f"{path} is a TensorFlow SavedModel, refused: it runs its own graph (any TensorFlow "
+                              f"op, writing files included); save the model as .keras, or {HOW_TO_TRUST}")
         hw = hw or _savedmodel_hw(path)
         if hw is None:
             raise ConfigError(f"{path}: the SavedModel has no fixed input size; pass --input-size")
@@ -103,9 +130,18 @@ def load_custom(spec: ModelSpec) -> LoadedModel:
         if isinstance(out, dict):
             out = next(iter(out.values()))
         return LoadedModel(keras.Model(inputs, out), folder_fingerprint(path), hw, sidecar, True)
+    safe = not trusted.contains(path)
+    if safe and _keras_version(keras.__version__) < SAFE_MODE_KERAS:
+        raise ConfigError(f"cannot load model {path}: the safe_mode of Keras {keras.__version__} lets some model "
+                          f"files run code (legacy .h5 files, TFSMLayers); upgrade to Keras "
+                          f"{'.'.join(map(str, SAFE_MODE_KERAS))} or later, or {HOW_TO_TRUST}")
     try:
-        model = keras.models.load_model(path, compile=False, custom_objects=custom_objects())
+        model = keras.models.load_model(path, compile=False, custom_objects=custom_objects(), safe_mode=safe)
     except Exception as exc:  # Keras raises many kinds for a file it cannot read
+        refused = _refused_code(str(exc)) if safe else None
+        if refused:
+            raise ConfigError(f"cannot load model {path}: it holds {refused}, which Keras' safe_mode does not run; "
+                              f"{HOW_TO_TRUST}") from exc
         raise ConfigError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     shape = model.input_shape
     native = tuple(shape[1:3]) if shape and None not in shape[1:3] else None
@@ -117,6 +153,19 @@ def load_custom(spec: ModelSpec) -> LoadedModel:
     if spec.precision != "float32":
         model = _at_precision(model, spec.precision)
     return LoadedModel(model, file_fingerprint(path), (int(hw[0]), int(hw[1])), sidecar, False)
+
+
+def _refused_code(message: str) -> str | None:
+    """What safe_mode refused, from Keras's error (which tells a Python user to pass ``safe_mode=False``)."""
+    if "safe_mode" not in message:
+        return None
+    if "TFSMLayer" in message:
+        return "a TFSMLayer (a SavedModel's graph)"
+    if "Lambda" in message:
+        return "a Lambda layer (Python code)"
+    if "lambda" in message:
+        return "a Python lambda (code)"
+    return "code (" + message.split(". ")[0][:200] + ")"
 
 
 def _rebuild_at(model: Any, hw: tuple[int, int]) -> Any:

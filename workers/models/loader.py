@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.confine import Roots
 from workers.contract import ModelSpec, file_fingerprint
 from workers.errors import ConfigError
 from workers.models import backends
@@ -217,8 +218,8 @@ def _registry_graph(spec: ModelSpec) -> _Graph:
                   labels, softmax=_logits(spec), preprocess_name=preprocess_family(spec.preprocess, arch.name))
 
 
-def _custom_graph(spec: ModelSpec) -> _Graph:
-    loaded = load_custom(spec)
+def _custom_graph(spec: ModelSpec, trusted: Roots) -> _Graph:
+    loaded = load_custom(spec, trusted)
     model = loaded.model
     if spec.layers:
         if loaded.savedmodel:
@@ -251,18 +252,22 @@ def _feature_size(shape: Any, pooling: str) -> tuple[int, list[int]]:
     return int(np.prod(dims)), dims
 
 
-def build_predictor(spec: ModelSpec, torch_compile: bool = False, expose_inputs: bool = False) -> Predictor:
+def build_predictor(spec: ModelSpec, torch_compile: bool = False, expose_inputs: bool = False,
+                    trusted: Roots | None = None) -> Predictor:
     """Load the model of ``spec`` and compile one call that yields every requested output, warmed on a
     batch of zeros (so a precision the backend cannot run fails here, in one line).
 
     ``torch_compile``: ``torch.compile`` the call on the torch backend. ``expose_inputs`` (tests): the
     call also returns the device's float32 pixels and model input (``predictor.PIXELS``, ``MODEL_INPUT``).
+    ``trusted``: the model files that may run their own code (default ``BATCHINFER_TRUST_MODELS``).
     """
     backend = backends.load()
     import keras
 
+    if trusted is None:
+        trusted = Settings.from_env().trusted_models
     with dtype_policy(spec.precision):
-        graph = _custom_graph(spec) if spec.model_path else _registry_graph(spec)
+        graph = _custom_graph(spec, trusted) if spec.model_path else _registry_graph(spec)
     classify = "classify" in spec.tasks
     columns = spec.feature_columns()
     outputs = ([graph.model.output] if classify else []) + (graph.feature_targets if columns else [])
@@ -317,8 +322,9 @@ class PredictorCache:
         self.maxsize = max(1, maxsize)
         self.on_build = on_build
         if build is None:
-            torch_compile = (settings or Settings.from_env()).torch_compile
-            build = lambda spec: build_predictor(spec, torch_compile=torch_compile)  # noqa: E731
+            settings = settings or Settings.from_env()
+            torch_compile, trusted = settings.torch_compile, settings.trusted_models
+            build = lambda spec: build_predictor(spec, torch_compile=torch_compile, trusted=trusted)  # noqa: E731
         self._build = build
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self.builds = 0

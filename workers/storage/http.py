@@ -9,7 +9,8 @@
   throttling host cannot hold a shard past its time limit. TLS errors are not retried.
 - **Limits**: ``BATCHINFER_HTTP_TIMEOUT`` seconds (default 10) to connect and between bytes received,
   and six times that for a whole body (a server trickling a byte at a time is cut off too); at
-  most ``BATCHINFER_HTTP_MAX_REDIRECTS`` redirects (default 5), to http(s) URLs only; an image larger
+  most ``BATCHINFER_HTTP_MAX_REDIRECTS`` redirects (default 5), to http(s) URLs only (and, when
+  ``BATCHINFER_ALLOWED_ROOTS`` is set, under those roots: ``workers.confine``); an image larger
   than ``BATCHINFER_HTTP_MAX_BYTES`` (default 50 MiB) is refused from its Content-Length, or cut off
   as soon as it grows past the limit (manifests are streamed and have no limit).
 - Requests say ``User-Agent: batchinfer/<version>`` and ``Accept-Encoding: identity`` (images are
@@ -38,7 +39,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import (
@@ -57,6 +58,7 @@ from urllib3.exceptions import (
 from urllib3.util import Retry, Timeout
 
 from workers import __version__
+from workers.confine import ANYWHERE, OUTSIDE, Roots
 from workers.errors import ConfigError
 from workers.settings import Settings
 from workers.storage.base import FileInfo
@@ -76,17 +78,22 @@ DOWNLOAD_TIMEOUTS = 6  # a whole body may take this many BATCHINFER_HTTP_TIMEOUT
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+class RedirectOutside(HTTPError):
+    """A redirect to a URL outside ``BATCHINFER_ALLOWED_ROOTS``: not followed."""
+
+
 class CappedRetry(Retry):
     """urllib3's ``Retry`` that waits at most ``wait_max`` seconds, ``Retry-After`` included (a server
     asking for an hour would otherwise hold the reading thread, and the shard, that long), and follows
-    redirects to http(s) URLs only (urllib3 would try ``file:///etc/passwd`` as a host-less URL)."""
+    redirects to http(s) URLs only (urllib3 would try ``file:///etc/passwd`` as a host-less URL), under
+    ``roots`` (``BATCHINFER_ALLOWED_ROOTS``) when they are set."""
 
-    def __init__(self, *args: Any, wait_max: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, wait_max: float = 10.0, roots: Roots = ANYWHERE, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wait_max = wait_max
+        self.wait_max, self.roots = wait_max, roots
 
     def new(self, **kwargs: Any) -> Self:  # each retry makes a new object: pass the cap on
-        return super().new(wait_max=self.wait_max, **kwargs)
+        return super().new(wait_max=self.wait_max, roots=self.roots, **kwargs)
 
     def parse_retry_after(self, retry_after: str) -> float:
         return min(super().parse_retry_after(retry_after), self.wait_max)
@@ -100,6 +107,10 @@ class CappedRetry(Retry):
             response.drain_conn()
             response.release_conn()
             raise URLSchemeUnknown(scheme)
+        if location and response is not None and not self.roots.contains(urljoin(url or "", location)):
+            response.drain_conn()
+            response.release_conn()
+            raise RedirectOutside(location)
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
@@ -110,7 +121,7 @@ def make_retry(settings: Settings) -> CappedRetry:
         total=None, connect=n, read=n, status=n, other=0, redirect=settings.http_max_redirects,
         status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "HEAD"}), backoff_factor=BACKOFF_FACTOR,
         backoff_max=settings.http_timeout, backoff_jitter=0.25, raise_on_status=False, raise_on_redirect=True,
-        wait_max=settings.http_timeout,
+        wait_max=settings.http_timeout, roots=settings.allowed_roots,
     )
 
 
@@ -182,6 +193,8 @@ def convert(exc: HTTPError, uri: str, settings: Settings) -> OSError:
         return OSError(errno.ETIMEDOUT, f"connection timed out after {seconds}", uri)
     if isinstance(reason, ReadTimeoutError):
         return OSError(errno.ETIMEDOUT, f"timed out after {seconds}", uri)
+    if isinstance(reason, RedirectOutside):
+        return OSError(errno.EACCES, f"redirected {OUTSIDE}", uri)
     if isinstance(reason, URLSchemeUnknown):  # a redirect to file://, ftp://, ...
         return OSError(errno.EINVAL, f"unsupported URL scheme {reason.scheme}:// (only http and https)", uri)
     if isinstance(reason, LocationValueError):
