@@ -38,7 +38,8 @@ def test_help_lists_subcommands(cli):
     assert result.stdout.startswith("usage: batchinfer")
     for command in ("run", "submit", "status", "collect"):
         assert command in result.stdout
-    assert ("{run,submit,serve,models,layers,train-head,index,search,status,jobs,retry,cancel,delete,collect}"
+    assert ("{run,submit,serve,models,layers,train-head,index,search,status,jobs,retry,cancel,delete,collect,report,"
+            "exporter}"
             in result.stdout)
 
 
