@@ -34,6 +34,7 @@ def render(context: dict[str, Any]) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else v
+    env.filters["seconds"] = lambda v: f"{v:,.3f}" if v < 10 else f"{v:,.1f}"
     env.filters["name"] = lambda uri: os.path.basename(str(uri).rstrip("/")) or str(uri)
     return env.from_string(text).render(**context)
 

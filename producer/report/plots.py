@@ -86,7 +86,7 @@ def timeline(t: Timings) -> str:
         top.step(xs, np.r_[0.0, done], where="post", color=COLORS[0], linewidth=1.4)
         top.fill_between(xs, np.r_[0.0, done], step="post", color=COLORS[0], alpha=0.15)
         top.set_ylabel("images done")
-        top.yaxis.set_major_formatter(_thousands())
+        _counts(top.yaxis)
         top.set_ylim(bottom=0)
         top.set_title("Shard completions")
         for k in range(len(names)):
@@ -184,10 +184,12 @@ def _stage_shares(ax: Any, t: Timings, present: list[str]) -> None:
     ax.set_title("Share of shard time, over the job")
 
 
-def _thousands() -> Any:
-    from matplotlib.ticker import FuncFormatter
+def _counts(axis: Any) -> None:
+    """Whole numbers with thousands separators on an axis of counts."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    return FuncFormatter(lambda value, _: f"{value:,.0f}")
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
 
 
 def _percent() -> Any:
@@ -212,7 +214,7 @@ def histogram(counts: np.ndarray, mean: float | None) -> str:
         ax.set_xlim(0, 1)
         ax.set_xlabel("top-1 score")
         ax.set_ylabel("images")
-        ax.yaxis.set_major_formatter(_thousands())
+        _counts(ax.yaxis)
         return to_svg(fig, "scores")
 
 
