@@ -141,12 +141,17 @@ def error_groups(page: Node) -> dict[str, list[tuple[str, str]]]:
     return groups
 
 
-def report(cli, source, output: Path, *extra: str, timeout: float = 120) -> Node:
-    """`batchinfer report` as a user runs it, with TensorFlow and Keras unimportable (the `cli` fixture)."""
+def report(cli, source, output: Path | str, *extra: str, timeout: float = 120) -> Node:
+    """`batchinfer report` as a user runs it, with TensorFlow and Keras unimportable (the `cli` fixture); the
+    page read back (an S3 output through the storage backend)."""
     result = cli("report", str(source), "--output", str(output), "--quiet", *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
     assert f"wrote {output}" in result.stderr
-    return read_page(output)
+    if str(output).startswith("s3://"):
+        from workers.storage import storage_for
+
+        return Page(storage_for(str(output)).read(str(output)).decode("utf-8")).root
+    return read_page(Path(output))
 
 
 def cards_of(page: Node) -> dict[str, str]:
@@ -282,6 +287,23 @@ def test_csv_and_jsonl_outputs_have_rows_but_no_timings(classified, featured, cl
     from_jsonl = report(cli, jsonl_path, tmp_path / "c.html")
     assert from_jsonl.by_id("features").find_all("img", **{"class": "pt"})
     assert "not recorded in JSONL output" in from_jsonl.find_all("main")[0].words()
+
+
+def test_report_from_s3_to_s3(classified, s3, cli, tmp_path):
+    """A file and a folder on S3 (downloaded, not read into memory whole); the page uploaded whole."""
+    client = s3.client()
+    client.create_bucket(Bucket="reports")
+    client.upload_file(str(classified), "reports", "run/colours.parquet")
+    for shard in (0, 1):  # a folder of shard files, as the Parquet sink writes it
+        client.upload_file(str(classified), "reports", f"job/shard-{shard:06d}.parquet")
+    from_file = report(cli, "s3://reports/run/colours.parquet", "s3://reports/pages/file.html")
+    client.download_file("reports", "pages/file.html", str(tmp_path / "file.html"))
+    page = read_page(tmp_path / "file.html")
+    assert error_groups(page) == error_groups(from_file) and len(error_groups(page)) >= 4
+    assert len(page.by_id("timings").find_all("svg")) == 2
+    folder = report(cli, "s3://reports/job/", tmp_path / "folder.html")
+    assert cards_of(folder)["images"] == str(2 * pq.read_metadata(classified).num_rows)
+    assert "no _manifest.json" in folder.find_all("div", **{"class": "note"})[0].words()
 
 
 # --- a job through a real worker ---------------------------------------------------------------------------

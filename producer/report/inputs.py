@@ -47,6 +47,7 @@ class Source:
     read: Callable[[list[str]], Iterator[pa.Table]]
     notes: list[str] = field(default_factory=list)  # shown at the top of the page
     output: str | None = None  # where a job's rows are
+    no_timings: str | None = None  # why ``record`` is None
 
     def tables(self, columns: list[str]) -> Iterator[pa.Table]:
         return self.read([c for c in columns if c in self.columns])
@@ -61,15 +62,19 @@ def looks_like_path(source: str) -> bool:
 def open_source(source: str, broker: str | None = None) -> Iterator[Source]:
     """The ``Source`` of ``source`` (a job id or an output); temporary copies of S3 files go on exit."""
     with tempfile.TemporaryDirectory(prefix="batchinfer-report-") as workdir:
-        if scheme_of(source) != "file" or os.path.exists(source):
-            yield _output_source(source, workdir)
-        elif looks_like_path(source):
-            raise SourceError(f"{source}: no such file or folder")
-        else:
-            from producer.jobs import check_job_id
+        local = source[len("file://"):] if source.startswith("file://") else source
+        try:
+            if scheme_of(source) != "file" or os.path.exists(local):
+                opened = _output_source(source, local, workdir)
+            elif looks_like_path(source):
+                raise SourceError(f"{source}: no such file or folder")
+            else:
+                from producer.jobs import check_job_id
 
-            check_job_id(source)
-            yield _job_source(source, broker)
+                opened = _job_source(check_job_id(source), broker)
+        except (OSError, pa.ArrowException) as exc:  # e.g. a shard file deleted, a truncated download
+            raise SourceError(f"{source}: cannot read it: {exc}") from exc
+        yield opened
 
 
 # -- a job id ---------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def _job_source(job_id: str, broker: str | None) -> Source:
         notes.append("The job was cancelled.")
     if job.n_failed:
         notes.append(f"{job.n_failed} shards failed: their images have no rows (the reasons are under Errors).")
-    where = output.path if output.sink == "parquet" else f"the Redis sink ({output.sink})"
+    where = output.path if output.sink == "parquet" else "the Redis sink"
     return Source(job_id, "job", output.sink, list(schema.names) if schema is not None else [],
                   _clean(metadata), job_record(job), job.images_done, read, notes, where)
 
@@ -131,14 +136,13 @@ def _job_schema(job_id: str, output: Any, done: list[int], client: Any) -> pa.Sc
 # -- an output ------------------------------------------------------------------------------------------
 
 
-def _output_source(source: str, workdir: str) -> Source:
+def _output_source(source: str, local: str, workdir: str) -> Source:
     storage = storage_for(source)
     ext = os.path.splitext(source.rstrip("/"))[1].lower()
-    is_file = os.path.isfile(source) if scheme_of(source) == "file" else (bool(ext) and storage.exists(source))
+    is_file = os.path.isfile(local) if scheme_of(source) == "file" else (bool(ext) and storage.exists(source))
     if not is_file:
         return _folder_source(source)
     fmt = EXTENSIONS.get(ext, "parquet")
-    local = source[len("file://"):] if source.startswith("file://") else source
     if scheme_of(source) != "file":  # Parquet reads need seeks: one local copy, not the whole file in memory
         local = os.path.join(workdir, "source" + ext)
         with storage.open_read(source) as src, open(local, "wb") as dst:
@@ -152,16 +156,17 @@ def _output_source(source: str, workdir: str) -> Source:
                           ".jsonl files and output folders") from exc
     schema = parquet.schema_arrow
     record = read_job_record(schema)
-    notes = [] if record is not None else [
+    notes = _record_notes(record) if record is not None else []
+    no_timings = None if record is not None else (
         "Timings are not recorded in this file (it was written before outputs kept them); "
-        "`batchinfer report JOB` shows them while the job state is kept."]
+        "`batchinfer report JOB` shows them while the job state is kept.")
 
     def read(columns: list[str]) -> Iterator[pa.Table]:
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
 
     return Source(source, "file", "parquet", list(schema.names), _clean(read_job_metadata(schema)), record,
-                  parquet.metadata.num_rows, read, notes)
+                  parquet.metadata.num_rows, read, notes, no_timings=no_timings)
 
 
 def _folder_source(source: str) -> Source:
@@ -171,16 +176,19 @@ def _folder_source(source: str) -> Source:
     files = previous_files(source, "SOURCE")
     base = source.rstrip("/")
     manifest: dict[str, Any] = {}
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, ValueError):  # none yet, or not ours: the rows still count
         manifest = json.loads(storage_for(f"{base}/_manifest.json").read(f"{base}/_manifest.json"))
     schema = read_schema(files[0])
     record = manifest.get("job")
-    notes = []
+    notes = _record_notes(record) if record else []
+    no_timings = None
     if not manifest:
         notes.append("This folder has no _manifest.json (the job has not finished): the rows are the shards "
-                     "written so far, and timings are in the job state: `batchinfer report JOB`.")
+                     "written so far.")
+        no_timings = ("Timings are in the job state until the job finishes and writes _manifest.json: "
+                      "`batchinfer report JOB`.")
     elif record is None:
-        notes.append("Timings are not recorded in this folder's _manifest.json (written before it kept them).")
+        no_timings = "Timings are not recorded in this folder's _manifest.json (written before it kept them)."
 
     def read(columns: list[str]) -> Iterator[pa.Table]:
         with ThreadPoolExecutor(4, thread_name_prefix="report-read") as pool:
@@ -198,7 +206,7 @@ def _folder_source(source: str) -> Source:
 
     metadata = read_job_metadata(schema) or manifest.get("metadata") or {}
     return Source(source, "folder", "parquet", list(schema.names), _clean(metadata), record,
-                  manifest.get("rows"), read, notes)
+                  manifest.get("rows"), read, notes, no_timings=no_timings)
 
 
 def _text_source(source: str, local: str, fmt: str) -> Source:
@@ -217,9 +225,9 @@ def _text_source(source: str, local: str, fmt: str) -> Source:
     def read(wanted: list[str]) -> Iterator[pa.Table]:
         yield from (_csv_tables(local, wanted) if fmt == "csv" else _jsonl_tables(local, wanted))
 
-    note = f"Timings are not recorded in {fmt.upper()} output (nor the job metadata): report the job, or its " \
-           "Parquet output, for them."
-    return Source(source, "file", fmt, columns, {}, None, None, read, [note])
+    why = (f"Timings are not recorded in {fmt.upper()} output (nor the job metadata): report the job, or its "
+           "Parquet output, for them.")
+    return Source(source, "file", fmt, columns, {}, None, None, read, no_timings=why)
 
 
 # list columns are JSON text in CSV; the sampler reads them as such
@@ -270,6 +278,17 @@ def _jsonl_column(name: str, values: list[Any]) -> pa.Array:
     if name == "top_k_labels":
         return pa.array(values, pa.list_(pa.string()))
     return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+
+
+def _record_notes(record: dict[str, Any]) -> list[str]:
+    """What a recorded job says about the rows a file or folder holds."""
+    notes = []
+    if record.get("finished") is None:
+        notes.append(f"The job was not finished when this output was written: {record.get('done', 0)} of "
+                     f"{record.get('shards_total')} shards were done.")
+    if record.get("failed"):
+        notes.append(f"{record['failed']} shards failed: their images have no rows (the reasons are under Errors).")
+    return notes
 
 
 def _clean(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
+
+import numpy as np
 
 from producer.report import plots
 from producer.report.inputs import Source
@@ -49,14 +52,12 @@ def context(source: Source, summary: Summary, timings: Timings | None, limits: L
     """Everything the template shows (the thumbnails read here, the plots drawn here)."""
     meta, record = source.metadata, source.record or {}
     classes = summary.classes.most_common()
-    shown = [name for name, _ in classes[: limits.classes]]
-    least = summary.least
-    points, explained, marked = None, (0.0, 0.0), []
+    points, explained, marked = None, (0.0, 0.0), np.empty(0, dtype=np.int64)
     if summary.vectors is not None and len(summary.vectors):
         points, explained = pca(summary.vectors)
-        marked = spread(points, POINT_THUMBS).tolist()
-    wanted = [r.uri for name in shown for r in summary.class_samples.get(name, [])]
-    wanted += [r.uri for r in least] + [summary.vector_rows[i].uri for i in marked]
+        marked = spread(points, POINT_THUMBS)
+    wanted = [r.uri for name, _ in classes[: limits.classes] for r in summary.class_samples.get(name, [])]
+    wanted += [r.uri for r in summary.least] + [summary.vector_rows[i].uri for i in marked.tolist()]
     thumbs = thumbnails(wanted)
 
     def tile(row: Row) -> dict[str, Any]:
@@ -67,46 +68,43 @@ def context(source: Source, summary: Summary, timings: Timings | None, limits: L
         "job_id": meta.get("job_id") or record.get("job_id"),
         "source": source, "generated": _when(dt.datetime.now(dt.timezone.utc).timestamp()),
         "version": __version__, "notes": source.notes, "limits": limits,
-        "model": meta.get("model") or "unknown model", "task": meta.get("task") or _task(summary),
+        "model": meta.get("model") or "model not recorded", "task": meta.get("task") or _task(summary),
         "meta": _meta_rows(meta), "job": _job_rows(source, record),
         "cards": _cards(summary, record, timings),
         "timings": timings, "stage_names": STAGE_NAMES,
         "timeline_svg": plots.timeline(timings) if timings else None,
         "stages_svg": plots.stages(timings) if timings and timings.stages else None,
-        "classes": None, "projection": None,
+        "classes": _classes(summary, classes, limits, tile) if classes else None,
+        "projection": None,
         "errors": sorted(summary.reasons.items(), key=lambda kv: (-kv[1], kv[0])),
         "error_rows": summary.error_rows, "not_listed": summary.errors - summary.listed, "n_errors": summary.errors,
         "failed_shards": record.get("failed_shards") or [], "n_failed_shards": record.get("failed") or 0,
     }
-    if classes:
-        mean = sum(summary.score_sums.values()) / max(sum(summary.classes.values()), 1)
-        ctx["classes"] = {
-            "count": len(classes), "ok": sum(summary.classes.values()),
-            "table": [{"name": name, "count": count, "share": count / max(summary.ok, 1),
-                       "mean": summary.score_sums.get(name, 0.0) / count} for name, count in classes[:CLASS_ROWS]],
-            "more": max(len(classes) - CLASS_ROWS, 0),
-            "top": classes[0][1],
-            "grids": [{"name": name, "count": count, "tiles": [tile(r) for r in summary.class_samples.get(name, [])]}
-                      for name, count in classes[: limits.classes]],
-            "least": [tile(r) for r in least],
-            "histogram_svg": plots.histogram(summary.histogram, mean) if summary.histogram is not None else None,
-            "mean": mean,
-        }
-    if points is not None:
-        svg, where = plots.projection(points, [r.label for r in summary.vector_rows], explained,
-                                      marked_array(marked))
+    if points is not None and summary.vectors is not None:
+        svg, where = plots.projection(points, [r.label for r in summary.vector_rows], explained, marked)
         ctx["projection"] = {
-            "svg": svg, "column": summary.feature_column, "dim": int(summary.vectors.shape[1]),  # type: ignore[union-attr]
+            "svg": svg, "column": summary.feature_column, "dim": int(summary.vectors.shape[1]),
             "count": len(points), "explained": explained,
-            "marks": [{"x": x, "y": y, **tile(summary.vector_rows[i])} for i, (x, y) in zip(marked, where)],
+            "marks": [{"x": x, "y": y, **tile(summary.vector_rows[i])} for i, (x, y) in zip(marked.tolist(), where)],
         }
     return ctx
 
 
-def marked_array(marked: list[int]) -> Any:
-    import numpy as np
-
-    return np.array(marked, dtype=np.int64)
+def _classes(summary: Summary, classes: list[tuple[str, int]], limits: Limits,
+             tile: Callable[[Row], dict[str, Any]]) -> dict[str, Any]:
+    """The classify sections: counts of the largest classes, a sample of each, the least confident, scores."""
+    labelled = sum(count for _, count in classes)
+    mean = sum(summary.score_sums.values()) / max(labelled, 1)
+    return {
+        "count": len(classes), "ok": labelled, "mean": mean, "top": classes[0][1],
+        "table": [{"name": name, "count": count, "share": count / labelled,
+                   "mean": summary.score_sums.get(name, 0.0) / count} for name, count in classes[:CLASS_ROWS]],
+        "more": max(len(classes) - CLASS_ROWS, 0),
+        "grids": [{"name": name, "count": count, "tiles": [tile(r) for r in summary.class_samples.get(name, [])]}
+                  for name, count in classes[: limits.classes]],
+        "least": [tile(r) for r in summary.least],
+        "histogram_svg": plots.histogram(summary.histogram, mean) if summary.histogram is not None else None,
+    }
 
 
 def _task(summary: Summary) -> str:
