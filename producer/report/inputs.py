@@ -30,6 +30,16 @@ from workers.schema import read_job_metadata, read_job_record
 from workers.storage import scheme_of, storage_for
 
 CHUNK_ROWS = 65_536
+CHUNK_BYTES = 32 << 20  # of feature vectors a chunk: 6,553 rows of 1280 floats
+
+
+def chunk_rows(schema: pa.Schema, columns: list[str]) -> int:
+    """Rows a chunk: ``CHUNK_ROWS``, fewer when wide feature vectors would make it large."""
+    types = [schema.field(c).type for c in columns]
+    width = sum(4 * t.list_size for t in types if pa.types.is_fixed_size_list(t))
+    return max(1024, min(CHUNK_ROWS, CHUNK_BYTES // width)) if width else CHUNK_ROWS
+
+
 TEXT_FORMATS = ("csv", "jsonl")
 
 
@@ -162,7 +172,7 @@ def _output_source(source: str, local: str, workdir: str) -> Source:
         "`batchinfer report JOB` shows them while the job state is kept.")
 
     def read(columns: list[str]) -> Iterator[pa.Table]:
-        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
+        for batch in parquet.iter_batches(batch_size=chunk_rows(schema, columns), columns=columns):
             yield pa.Table.from_batches([batch])
 
     return Source(source, "file", "parquet", list(schema.names), _clean(read_job_metadata(schema)), record,

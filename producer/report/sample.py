@@ -86,6 +86,9 @@ def reason_of(error: str) -> str:
     return " ".join(text.split())[:160] or "(empty message)"
 
 
+CLASSIFY_COLUMNS = ("uri", "label", "score", "top_k_labels", "top_k_scores")
+
+
 def columns_of(schema_names: list[str]) -> list[str]:
     """The columns a report reads: never ``top_k_indices``, ``width`` or ``modified``; one feature column."""
     wanted = [c for c in ("uri", "error", "label", "score", "top_k_labels", "top_k_scores", "size_bytes")
@@ -115,6 +118,8 @@ class Sampler:
         self._points: list[np.ndarray] = []
 
     def add(self, table: pa.Table) -> None:
+        """Count and sample one chunk of rows. Only the few rows sampled are copied: a features column
+        (megabytes a chunk) is never filtered whole."""
         s = self.summary
         n = table.num_rows
         if not n:
@@ -122,18 +127,21 @@ class Sampler:
         start = s.rows
         s.rows += n
         names = table.column_names
-        error = table.column("error") if "error" in names else pa.nulls(n, pa.string())
-        failed = error.is_valid()
-        self._errors(table.filter(failed))
+        failed = _mask(table.column("error").is_valid()) if "error" in names else np.zeros(n, dtype=bool)
+        if failed.any():
+            self._errors(table.select(["uri", "error"]).filter(pa.array(failed)))
         if "size_bytes" in names:
             s.bytes_read += int(pc.sum(table.column("size_bytes")).as_py() or 0)
-        ok = table.filter(pc.invert(failed))
         if "label" in names and "score" in names:
-            self._classify(ok.filter(ok.column("label").is_valid()), start)
+            labelled = ~failed & _mask(table.column("label").is_valid())
+            columns = [c for c in CLASSIFY_COLUMNS if c in names]
+            self._classify(table.select(columns).filter(pa.array(labelled)), start)
         column = feature_column(names)
         if column is not None:
             s.feature_column = column
-            self._features(ok.filter(ok.column(column).is_valid()), column)
+            valid = ~failed & _mask(table.column(column).is_valid())
+            self._features(table.select([c for c in ("uri", "label", column) if c in names]), column,
+                           np.flatnonzero(valid))
 
     # -- errors ---------------------------------------------------------------------------------------
     def _errors(self, rows: pa.Table) -> None:
@@ -200,24 +208,24 @@ class Sampler:
         return out
 
     # -- features -------------------------------------------------------------------------------------
-    def _features(self, rows: pa.Table, column: str) -> None:
-        n = rows.num_rows
-        if not n:
+    def _features(self, rows: pa.Table, column: str, valid: np.ndarray) -> None:
+        """Bottom-k of the rows at ``valid``: only rows whose key beats the current k-th are taken."""
+        if not len(valid):
             return
         limit = self.limits.points
-        keys = self._point_rng.random(n)
+        keys = self._point_rng.random(len(valid))
         threshold = np.sort(self._point_keys)[limit - 1] if len(self._point_keys) >= limit else 1.0
-        picked = np.flatnonzero(keys < threshold)
-        if not len(picked):
+        chosen = np.flatnonzero(keys < threshold)
+        if not len(chosen):
             return
-        taken = rows.take(pa.array(picked, pa.int64()))
+        taken = rows.take(pa.array(valid[chosen], pa.int64()))
         vectors = _vectors(taken.column(column))
         if vectors is None or (self._points and vectors.shape[1] != self._points[0].shape[1]):
             return  # vectors of mixed lengths (a hand-edited text output): not this projection's
         has_label = "label" in taken.column_names
-        labels = taken.column("label").to_pylist() if has_label else [None] * len(picked)
+        labels = taken.column("label").to_pylist() if has_label else [None] * len(chosen)
         new_rows = [Row(uri, label) for uri, label in zip(taken.column("uri").to_pylist(), labels)]
-        all_keys = np.concatenate([self._point_keys, keys[picked]])
+        all_keys = np.concatenate([self._point_keys, keys[chosen]])
         all_rows = self.summary.vector_rows + new_rows
         stacked = np.concatenate(self._points + [vectors]) if self._points else vectors
         keep = np.argsort(all_keys, kind="stable")[:limit]
@@ -235,6 +243,10 @@ class Sampler:
         if self._points:
             s.vectors = self._points[0]
         return s
+
+
+def _mask(values: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(values.to_numpy(), dtype=bool)
 
 
 def _lists(table: pa.Table, name: str) -> list[Any]:
