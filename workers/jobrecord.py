@@ -3,7 +3,7 @@
 The collected file keeps it in its Parquet key-value metadata (``workers.schema.JOB_RECORD_KEY``, next to the
 job metadata) and a Parquet job's ``_manifest.json`` under ``"job"``; ``report`` also builds it straight from
 the job state. Per-shard values are arrays, times are seconds since the job was created, rounded to the
-millisecond: about 70 bytes a shard. Totals (images, stage seconds, per worker) are always exact; above
+millisecond: about 60 bytes a shard. Totals (images, stage seconds, per worker) are always exact; above
 ``MAX_SHARDS`` done shards the per-shard arrays hold an evenly spaced sample of them (in finish order) and
 say so with ``"sampled": true``.
 
