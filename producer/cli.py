@@ -204,7 +204,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("report", help="one self-contained HTML page of a job: counts, timings, thumbnails, errors")
     p.add_argument("source", metavar="JOB|OUTPUT", help="a job id (its state from Redis, its rows from its output) "
                    "or an output file or folder (.parquet, .csv, .jsonl; local or s3://), e.g. what `run` wrote")
-    p.add_argument("--output", "-o", required=True, help="the HTML file to write")
+    p.add_argument("--output", "-o", required=True, help="the HTML file to write (local or s3://bucket/key)")
+    p.add_argument("--samples", type=int, metavar="N", help="thumbnails of each of the largest classes (default 8)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _s3_option(p)
     _broker_option(p)
 

@@ -1,7 +1,8 @@
 """``batchinfer collect``: gather every row of a job, shard by shard, into one file.
 
 Rows are streamed (one shard in memory at a time) into a temporary file that is renamed into place.
-Missing or failed shards make it fail and say which, unless partial output is allowed.
+Missing or failed shards make it fail and say which, unless partial output is allowed. A Parquet file
+also carries the job's shard timings (``workers.jobrecord``), so ``batchinfer report`` of the file has them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from tqdm import tqdm
 from workers import keys
 from workers.contract import OutputSpec
 from workers.errors import BatchInferError, ConfigError
+from workers.jobrecord import job_record
 from workers.jobstate import DONE, FAILED, JobState
-from workers.schema import read_job_metadata, with_job_metadata
+from workers.schema import read_job_metadata, with_job_metadata, with_job_record
 from workers.sinks.parquet import read_shard, shard_uri
 from workers.storage import storage_for
 
@@ -103,13 +105,14 @@ def check_complete(job: JobState) -> list[str]:
     return problems
 
 
-def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8
-                 ) -> Generator[pa.Table, None, None]:
-    """Each done shard's rows, in shard order; ``ahead`` shards are read on other threads meanwhile."""
+def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8,
+                 columns: list[str] | None = None) -> Generator[pa.Table, None, None]:
+    """Each done shard's rows (only ``columns``, when given), in shard order; ``ahead`` shards are read on
+    other threads meanwhile."""
     done = sorted(i for i, s in job.shards.items() if s.get("state") == DONE)
     if output.sink == "parquet":
         def read(shard_id: int) -> pa.Table:
-            return read_shard(shard_uri(output.path or "", shard_id))
+            return read_shard(shard_uri(output.path or "", shard_id), columns)
     else:
         from workers.sinks.redis import read_rows, read_schema
 
@@ -118,7 +121,8 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ah
             raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
 
         def read(shard_id: int) -> pa.Table:
-            return read_rows(redis_client, keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), schema)
+            rows = read_rows(redis_client, keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), schema)
+            return rows if columns is None else rows.select(columns)
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="collect-read")
     pending: deque[Future[pa.Table]] = deque()
     try:
@@ -136,8 +140,8 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ah
 
 
 class _ParquetOut:
-    def __init__(self, fh: Any, metadata: dict[str, Any] | None) -> None:
-        self.path, self.metadata = fh, metadata
+    def __init__(self, fh: Any, metadata: dict[str, Any] | None, record: dict[str, Any] | None = None) -> None:
+        self.path, self.metadata, self.record = fh, metadata, record
         self.writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -145,6 +149,8 @@ class _ParquetOut:
             schema = table.schema
             if self.metadata is not None:
                 schema = with_job_metadata(schema.remove_metadata(), self.metadata)
+            if self.record is not None:
+                schema = with_job_record(schema, self.record)
             self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
         writer = self.writer
         writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
@@ -185,14 +191,16 @@ class _TextOut:
         self.fh.detach().flush()  # the stream's owner publishes it
 
 
-def write_tables(tables: Iterable[pa.Table], path: str, fmt: str, metadata: dict[str, Any] | None = None) -> int:
+def write_tables(tables: Iterable[pa.Table], path: str, fmt: str, metadata: dict[str, Any] | None = None,
+                 record: dict[str, Any] | None = None) -> int:
     """Stream tables into ``path``, published whole at the end (a local temporary file renamed, or an S3
-    multipart upload completed: nothing staged on local disk); return the row count."""
+    multipart upload completed: nothing staged on local disk); return the row count. Parquet keeps
+    ``metadata`` (the job metadata) and ``record`` (the job's timings, ``workers.jobrecord``) in its schema."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     rows = 0
     with storage_for(path).open_stream(path) as target:
-        out = _ParquetOut(target, metadata) if fmt == "parquet" else _TextOut(target, fmt)
+        out = _ParquetOut(target, metadata, record) if fmt == "parquet" else _TextOut(target, fmt)
         try:
             for table in tables:
                 out.write(table)
@@ -227,4 +235,6 @@ def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait:
         if first is None:
             raise IncompleteJob(f"job {job_id} has no completed shards")
         metadata = {k: v for k, v in read_job_metadata(first.schema).items() if k != "shard_id"} or None
-        return write_tables(chain([first], tables), path, format_for(path, fmt), metadata)
+        fmt = format_for(path, fmt)
+        record = job_record(job) if fmt == "parquet" else None  # the job state read above: no extra round trip
+        return write_tables(chain([first], tables), path, fmt, metadata, record)

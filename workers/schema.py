@@ -3,7 +3,8 @@
 Every input image yields exactly one row. Failed images keep ``uri`` and ``error`` (and the kept
 manifest columns, which are join keys) and have nulls elsewhere. Kept columns come last, so the
 documented columns keep their places whatever the manifest. Job metadata goes into the Parquet
-key-value metadata under the key ``batchinfer``.
+key-value metadata under the key ``batchinfer``; a collected file also has the job's shard timings under
+``batchinfer.job`` (``workers.jobrecord``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"batchinfer"
+JOB_RECORD_KEY = b"batchinfer.job"
 
 
 def output_schema(
@@ -79,6 +81,17 @@ def with_job_metadata(schema: pa.Schema, metadata: dict[str, Any]) -> pa.Schema:
 def read_job_metadata(schema: pa.Schema) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def with_job_record(schema: pa.Schema, record: dict[str, Any]) -> pa.Schema:
+    """``schema`` with the job's compact record (``workers.jobrecord``) added beside its other metadata."""
+    compact = json.dumps(record, separators=(",", ":")).encode()
+    return schema.with_metadata({**(schema.metadata or {}), JOB_RECORD_KEY: compact})
+
+
+def read_job_record(schema: pa.Schema) -> dict[str, Any] | None:
+    raw = (schema.metadata or {}).get(JOB_RECORD_KEY)
+    return json.loads(raw) if raw else None
 
 
 def build_batch(

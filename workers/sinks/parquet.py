@@ -4,8 +4,9 @@ The output folder is a Parquet dataset that pyarrow, pandas, DuckDB, polars and 
 every file has the same schema (job metadata included), temporary names start with ``.`` and the
 spooled URI lists live under ``_batchinfer/`` (both ignored by dataset readers), and when the job
 finishes the worker that finished it writes ``_manifest.json`` (job metadata, schema, each shard's
-file and row count) and then, if no shard failed, ``_SUCCESS`` — last, so a reader that sees it sees
-every shard. Readers during the job see only committed shards.
+file and row count, the job's shard timings for ``batchinfer report``) and then, if no shard failed,
+``_SUCCESS`` — last, so a reader that sees it sees every shard. Readers during the job see only committed
+shards.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from workers.contract import shard_name
 from workers.errors import ConfigError
+from workers.jobrecord import job_record
 from workers.schema import METADATA_KEY
 from workers.sinks.base import Sink
 from workers.storage import check_writable, storage_for
@@ -122,6 +124,7 @@ class ParquetSink(Sink):
             "shards": [{"file": f"{shard_name(i)}.parquet", "rows": r.get("images"), "errors": r.get("errors")}
                        for i, r in done],
             "failed_shards": sorted(i for i, r in job.shards.items() if r.get("state") == "failed"),
+            "job": job_record(job),
         }
         _write_bytes(f"{base}/_manifest.json", json.dumps(manifest, indent=1).encode())
         if not manifest["failed_shards"] and len(done) == job.n_shards:
