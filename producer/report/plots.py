@@ -66,7 +66,7 @@ def timeline(t: Timings) -> str:
     shards = t.record["shards"]
     start, finish = _array(shards["started"]), _array(shards["finished"])
     images = np.array(shards["images"], dtype=np.float64)
-    origin = np.nanmin(start) if np.isfinite(start).any() else 0.0
+    origin = _origin(t.record)
     span = (np.nanmax(finish) - origin) if np.isfinite(finish).any() else 0.0
     scale, unit = _unit(span)
     names = [w.name for w in sorted(t.workers, key=lambda w: w.name)]
@@ -105,6 +105,14 @@ def timeline(t: Timings) -> str:
         bottom.set_xlabel(f"{unit} since the first shard started")
         bottom.set_xlim(left=0)
         return to_svg(fig, "timeline")
+
+
+def _origin(record: dict[str, Any]) -> float:
+    """Time zero of the plots: the first shard's start (seconds since the job was created)."""
+    if record.get("first_started") is not None:
+        return float(record["first_started"])
+    starts = [s for s in record["shards"]["started"] if s is not None]
+    return float(min(starts)) if starts else 0.0
 
 
 def _intervals(spans: list[tuple[float, float]], total: float, merge: bool) -> list[tuple[float, float]]:
@@ -159,7 +167,7 @@ def _stage_shares(ax: Any, t: Timings, present: list[str]) -> None:
     ok = np.isfinite(finish) & (seconds > 0)
     if not ok.any():
         return
-    origin = np.nanmin(_array(shards["started"]))
+    origin = _origin(t.record)
     scale, unit = _unit(float(np.nanmax(finish) - origin))
     when = (finish[ok] - origin) / scale
     bins = np.linspace(0, when.max() if when.max() > 0 else 1.0, min(TIME_BINS, int(ok.sum())) + 1)
