@@ -74,8 +74,11 @@ class JobsReader:
     def __init__(self, store: Any, broker: Any, settings: Settings, recent: int = RECENT) -> None:
         self.store, self.broker, self.settings, self.recent = store, broker, settings, recent
 
+    def _active(self) -> list[JobState]:
+        return [job for job in (self.store.get_job(j) for j in self.store.active_jobs()) if job is not None]
+
     def snapshot(self, jobs: bool = True) -> Snapshot:
-        active = [job for job in (self.store.get_job(j) for j in self.store.active_jobs()) if job is not None]
+        active = self._active()
         shown = {job.job_id: job for job in active}
         if jobs:
             for job in self.store.recent_jobs(self.recent):
@@ -86,8 +89,7 @@ class JobsReader:
         return snap
 
     def depth(self, queue: str) -> Depth:
-        active = [job for job in (self.store.get_job(j) for j in self.store.active_jobs()) if job is not None]
-        return self._depth(queue, active)
+        return self._depth(queue, self._active())
 
     def _depth(self, queue: str, active: list[JobState]) -> Depth:
         depth = Depth(queue)

@@ -43,6 +43,16 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def redis_answers(client) -> bool:
+    """Whether a Redis server answers a ping yet (still starting or loading its data: not yet)."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.BusyLoadingError):
+        return False
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port, for the whole test session."""
@@ -60,14 +70,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(up, 20, "redis-server")
+    wait_until(lambda: redis_answers(client), 20, "redis-server")
     yield url
     proc.terminate()
     proc.wait(10)
@@ -215,14 +218,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                return False
-
-        wait_until(up, 20, "redis-server")
+        wait_until(lambda: redis_answers(client), 20, "redis-server")
         return self
 
     def kill(self) -> None:

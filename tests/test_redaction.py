@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import assert_one_line_error, batchinfer, free_port, start_probe_worker, stop_process, wait_until
+from tests.conftest import (
+    assert_one_line_error,
+    batchinfer,
+    free_port,
+    redis_answers,
+    start_probe_worker,
+    stop_process,
+    wait_until,
+)
 from tests.probe_model import make_images
 from workers.settings import Settings, normalized_redis_url, redact, redact_text
 
@@ -51,15 +59,7 @@ def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
                              "--requirepass", SECRET, "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path_factory.mktemp("locked"))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, password=SECRET)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(up, 20, "redis-server")
+    wait_until(lambda: redis_answers(redis.Redis(port=port, password=SECRET)), 20, "redis-server")
     yield port
     stop_process(proc, 10)
 

@@ -48,7 +48,8 @@ class Decoded:
     height: int
 
 
-def _open(data: bytes) -> Image.Image:
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's image of untrusted bytes, with the bomb limit held; ``DecodeError`` saying what is wrong."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -68,7 +69,7 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: alpha composited on white, 16/32-bit integers scaled to 8 bits."""
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img).astype(np.float64)
@@ -104,7 +105,7 @@ def decode_fast(data: bytes, size: tuple[int, int], dct_scaling: bool = True, *,
     filter; off, as it flipped 2-3 % of top-1 labels) are there for those measurements."""
     height, width = size
     draft_factor = DRAFT_FACTOR if draft_factor is None else draft_factor
-    img = _open(data)
+    img = open_image(data)
     orig_w, orig_h = img.size
     box = None
     try:
@@ -114,7 +115,7 @@ def decode_fast(data: bytes, size: tuple[int, int], dct_scaling: bool = True, *,
             box = drafted[1] if drafted else None  # the source area exactly, when the scaled size rounded up
         img.load()
         turn = _TRANSPOSE.get(_orientation(img))  # after loading: a PNG may keep its EXIF after the pixels
-        img = _to_rgb(img)
+        img = to_rgb(img)
         # resize first in the stored orientation, then turn the small image (no copy of a large upright one)
         out = (height, width) if turn in _ROTATIONS else (width, height)
         img = img.resize(out, RESAMPLE, box=box, reducing_gap=reducing_gap if dct_scaling else None)
@@ -136,7 +137,7 @@ def decode_keras(data: bytes, size: tuple[int, int]) -> Decoded:
     """Bit-identical to ``img_to_array(load_img(path, target_size=size))``."""
     from keras.utils import img_to_array, load_img
 
-    probe = _open(data)
+    probe = open_image(data)
     orig_w, orig_h = probe.size
     try:
         img = load_img(io.BytesIO(data), target_size=size)

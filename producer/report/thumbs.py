@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from workers.decode import open_image, to_rgb
 from workers.storage import storage_for
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,11 @@ class Thumb:
 
 def thumbnail(data: bytes, size: int = SIZE, quality: int = QUALITY) -> Thumb:
     """``data`` (an image file's bytes) as a JPEG thumbnail at most ``size`` pixels on its longer side."""
-    img: Image.Image = Image.open(io.BytesIO(data))
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and img.width * img.height > limit:
-        raise ValueError(f"decompression bomb: {img.width}x{img.height}")
+    img = open_image(data)  # the workers' own opening: the bomb limit held
     img.seek(0)  # animations: the first frame
     if img.format == "JPEG":
         img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale straight from the DCT
-    img = ImageOps.exif_transpose(img)
-    if img.mode not in ("RGB", "L"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparency on white, as decoded
-        img = Image.alpha_composite(background, rgba)
-    img = img.convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))  # transparency on white, as the workers decode it
     img.thumbnail((size, size), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality, optimize=True)
