@@ -315,7 +315,7 @@ def _store(args: argparse.Namespace) -> tuple:
     from producer.submit import settings_with_broker
 
     settings = settings_with_broker(args.broker)
-    return settings, connect_store(settings.state_url, settings.retention, settings.redis_tls)
+    return settings, connect_store(settings)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -382,21 +382,21 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from producer.collect import collect, format_for
-    from producer.jobs import connect_store
+    from producer.jobs import connect_rows, connect_store
     from producer.submit import settings_with_broker
     from workers.storage import check_writable
 
     fmt = format_for(args.output, args.format)
     check_writable(args.output)  # before waiting or reading a row
     settings = settings_with_broker(args.broker)
-    store = connect_store(settings.state_url, settings.retention, settings.redis_tls)
-    redis_client = None
+    store = connect_store(settings)
+    redis_rows = None
     job = store.get_job(args.job_id)
     if job is not None and job.spec["output"]["sink"] == "redis":
-        redis_client = connect_store(settings.redis_sink_url, tls=settings.redis_tls).client
+        redis_rows = connect_rows(settings)
     started = time.monotonic()
     rows = collect(store, args.job_id, args.output, fmt, wait=args.wait, allow_partial=args.allow_partial,
-                   timeout=args.timeout, redis_client=redis_client)
+                   timeout=args.timeout, redis_rows=redis_rows)
     print(f"collected {plural(rows, 'row')} into {args.output} in {time.monotonic() - started:.1f}s", file=sys.stderr)
     return 0
 

@@ -18,13 +18,12 @@ from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from workers import keys
 from workers.contract import OutputSpec
 from workers.errors import BatchInferError, ConfigError
 from workers.jobrecord import job_record
@@ -32,6 +31,9 @@ from workers.jobstate import DONE, FAILED, JobState
 from workers.schema import read_job_metadata, with_job_metadata, with_job_record
 from workers.sinks.parquet import read_shard, shard_uri
 from workers.storage import storage_for
+
+if TYPE_CHECKING:
+    from workers.sinks.redis import RedisRows
 
 FORMATS = ("parquet", "csv", "jsonl")
 
@@ -105,7 +107,7 @@ def check_complete(job: JobState) -> list[str]:
     return problems
 
 
-def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ahead: int = 8,
+def shard_tables(job: JobState, output: OutputSpec, redis_rows: RedisRows | None = None, ahead: int = 8,
                  columns: list[str] | None = None) -> Generator[pa.Table, None, None]:
     """Each done shard's rows (only ``columns``, when given), in shard order; ``ahead`` shards are read on
     other threads meanwhile."""
@@ -114,14 +116,15 @@ def shard_tables(job: JobState, output: OutputSpec, redis_client: Any = None, ah
         def read(shard_id: int) -> pa.Table:
             return read_shard(shard_uri(output.path or "", shard_id), columns)
     else:
-        from workers.sinks.redis import read_rows, read_schema
-
-        schema = read_schema(redis_client, job.job_id)  # once per job, not per shard
+        if redis_rows is None:
+            raise IncompleteJob(f"job {job.job_id}: its rows are in Redis, and no Redis sink was given")
+        reader = redis_rows
+        schema = reader.schema(job.job_id)  # once per job, not per shard
         if schema is None and done:
             raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
 
         def read(shard_id: int) -> pa.Table:
-            rows = read_rows(redis_client, keys.shard_rows(job.job_id, f"shard-{shard_id:06d}"), schema)
+            rows = reader.shard(job.job_id, f"shard-{shard_id:06d}", schema)
             return rows if columns is None else rows.select(columns)
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="collect-read")
     pending: deque[Future[pa.Table]] = deque()
@@ -211,7 +214,7 @@ def write_tables(tables: Iterable[pa.Table], path: str, fmt: str, metadata: dict
 
 
 def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait: bool = False,
-            allow_partial: bool = False, timeout: float | None = None, redis_client: Any = None,
+            allow_partial: bool = False, timeout: float | None = None, redis_rows: RedisRows | None = None,
             progress: bool = True) -> int:
     """Gather a job's rows into ``path``; return the row count. See the module docstring."""
     if wait:
@@ -230,7 +233,7 @@ def collect(store: Any, job_id: str, path: str, fmt: str | None = None, *, wait:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     output = OutputSpec.from_dict(job.spec["output"])
-    with closing(shard_tables(job, output, redis_client)) as tables:  # its reader threads end in here
+    with closing(shard_tables(job, output, redis_rows)) as tables:  # its reader threads end in here
         first = next(tables, None)
         if first is None:
             raise IncompleteJob(f"job {job_id} has no completed shards")

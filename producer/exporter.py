@@ -101,7 +101,7 @@ class JobsReader:
                 depth.queued += job.count(PENDING)
         depth.workers = len(self.store.live_workers(queue, 3 * self.settings.heartbeat_seconds))
         if self.broker is not None:
-            depth.messages = int(self.broker.llen(queue))
+            depth.messages = int(self.broker.llen(self.settings.broker_prefix + queue))
         return depth
 
 
@@ -203,7 +203,7 @@ def exporter_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be from 0 to 65535, got {args.port}")
     settings = settings_with_broker(args.broker)
-    store = RedisJobStore.from_url(settings.state_url, settings.retention, socket_timeout=10, tls=settings.redis_tls)
+    store = RedisJobStore.from_settings(settings, socket_timeout=10)
     broker = store.client if settings.broker_url == settings.state_url else broker_client(settings.broker_url,
                                                                                           settings.redis_tls)
     server = serve(JobsReader(store, broker, settings), args.host, args.port)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from typing import TYPE_CHECKING, Any
 
 from workers.errors import BrokerError, ConfigError
-from workers.redis_conn import RedisTLS
 from workers.redis_jobstore import RedisJobStore
-from workers.settings import redact
+from workers.settings import Settings, redact
+
+if TYPE_CHECKING:
+    from workers.sinks.redis import RedisRows
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -27,13 +30,27 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def connect_store(url: str, retention: float = 7 * 24 * 3600, tls: RedisTLS | None = None) -> RedisJobStore:
-    """A job store whose server answered a ping, or ``BrokerError`` naming the URL (password hidden)."""
+def connect_store(settings: Settings) -> RedisJobStore:
+    """The deployment's job store, its server having answered a ping, or ``BrokerError`` naming the URL
+    (password hidden)."""
+    store = RedisJobStore.from_settings(settings)
+    ping(store.client, settings.state_url)
+    return store
+
+
+def connect_rows(settings: Settings) -> RedisRows:
+    """The Redis sink's rows (``collect``, ``report``), its server having answered a ping."""
+    from workers.sinks.redis import RedisRows
+
+    rows = RedisRows.from_settings(settings)
+    ping(rows.client, settings.redis_sink_url)
+    return rows
+
+
+def ping(client: Any, url: str) -> None:
     import redis
 
-    store = RedisJobStore.from_url(url, retention, tls=tls)
     try:
-        store.client.ping()
+        client.ping()
     except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError, redis.ResponseError) as exc:
         raise BrokerError(f"cannot reach Redis at {redact(url)}: {exc}") from exc
-    return store

@@ -58,7 +58,7 @@ def submit(
     stream = ShardStream(sources, filters, shard_size, output.keep_columns, previous)
     if stream.empty():
         raise SourceError(f"no images found in {' '.join(sources)}")
-    store = connect_store(settings.state_url, settings.retention, settings.redis_tls)
+    store = connect_store(settings)
     app = _app(settings)
     job_id = job_id or new_job_id()
     spec: dict[str, Any] = {
@@ -72,7 +72,7 @@ def submit(
 
 def resume(job_id: str, settings: Settings, progress: bool = True) -> str:
     """Carry on with a submit that stopped part way (see the module docstring)."""
-    store = connect_store(settings.state_url, settings.retention, settings.redis_tls)
+    store = connect_store(settings)
     job = store.get_job(check_job_id(job_id))
     if job is None:
         raise ConfigError(f"unknown job {job_id!r}")

@@ -10,9 +10,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tests.conftest import batchinfer, check_rows, wait_until
-from workers import keys
 from workers.contract import TASK_NAME, ShardTask
+from workers.keys import Keys
 from workers.redis_jobstore import RedisJobStore
+
+KEYS = Keys()  # the default namespace's key names
 
 
 def test_parquet_sink_end_to_end(worker, redis_url, redis_client, mixed_folder, tmp_path):
@@ -86,25 +88,25 @@ def test_redis_sink_features_end_to_end(worker, redis_url, redis_client, mixed_f
 
     # the documented key layout: one hash per image, features as little-endian float32 bytes
     uri = next(u for u, e in zip(frame["uri"], frame["error"]) if e is None or e != e)
-    raw = redis_client.hgetall(keys.image(job_id, uri))
+    raw = redis_client.hgetall(KEYS.image(job_id, uri))
     vector = np.frombuffer(raw[b"features"], dtype="<f4")
     stored = np.asarray(frame.set_index("uri").loc[uri, "features"], dtype=np.float32)
     np.testing.assert_allclose(vector, stored, rtol=1e-6)
-    assert 0 < redis_client.ttl(keys.image(job_id, uri)) <= 3600
+    assert 0 < redis_client.ttl(KEYS.image(job_id, uri)) <= 3600
     bad = next(u for u, e in zip(frame["uri"], frame["error"]) if isinstance(e, str))
-    assert b"error" in redis_client.hgetall(keys.image(job_id, bad))
+    assert b"error" in redis_client.hgetall(KEYS.image(job_id, bad))
 
     # `retry --shard` runs a done shard again: it rewrites the same keys, still one row per image
     store = RedisJobStore.from_url(redis_url)
     job = store.get_job(job_id, shards=True)
     before = job.shards[1]["updated"]
-    n_keys = len(redis_client.keys(keys.image(job_id, "*")))
-    redis_client.hdel(keys.committed(job_id), "shard-000001")  # as if its rows had expired: really redo it
+    n_keys = len(redis_client.keys(KEYS.image(job_id, "*")))
+    redis_client.hdel(KEYS.committed(job_id), "shard-000001")  # as if its rows had expired: really redo it
     batchinfer("retry", job_id, "--shard", "1", broker=redis_url)
     wait_until(lambda: store.get_job(job_id, shards=True).shards[1]["updated"] > before
                and store.get_job(job_id, shards=True).shards[1]["state"] == "done", 120, "re-run shard")
     assert store.get_job(job_id, shards=True).shards[1]["runs"] == 2
-    assert len(redis_client.keys(keys.image(job_id, "*"))) == n_keys == len(expected)
+    assert len(redis_client.keys(KEYS.image(job_id, "*"))) == n_keys == len(expected)
     again = tmp_path / "again.parquet"
     batchinfer("collect", job_id, "--output", str(again), broker=redis_url)
     assert pd.read_parquet(again)["uri"].is_unique and len(pd.read_parquet(again)) == len(expected)
@@ -144,6 +146,6 @@ def test_submit_failing_mid_stream_marks_the_job(redis_url, redis_client, tmp_pa
     sub = batchinfer("submit", str(PHOTOS), str(bad), "--output", str(tmp_path / "out"), "--shard-size", "2",
                      "--weights", "none", broker=redis_url, check=False)
     assert sub.returncode == 1 and "broken.parquet" in sub.stderr and "Traceback" not in sub.stderr
-    job_id = redis_client.zrange(keys.jobs(), 0, -1)[-1].decode()
+    job_id = redis_client.zrange(KEYS.jobs(), 0, -1)[-1].decode()
     status = batchinfer("status", job_id, broker=redis_url).stdout
     assert "submission failed" in status and "broken.parquet" in status

@@ -21,7 +21,10 @@ from workers.jobstate import (
     Holder,
     MemoryJobStore,
 )
+from workers.keys import Keys
 from workers.redis_jobstore import RedisJobStore
+
+KEYS = Keys()  # the default namespace's key names
 
 LEASE = 30
 
@@ -140,7 +143,7 @@ def test_reap_requeues_then_dead_letters(redis_url, redis_client):
         assert lease["delivery_tag"] == f"tag{attempt}"
         assert state == (PENDING if attempt == 1 else FAILED)
         if attempt == 1:
-            assert redis_client.zscore(keys.delayed(), keys.member(job, 0)) is not None, "requeued at once"
+            assert redis_client.zscore(KEYS.delayed(), keys.member(job, 0)) is not None, "requeued at once"
     snap = store.get_job(job)
     assert snap.n_failed == 1 and snap.n_lost == 2 and "lost (no heartbeat" in snap.failed[0]["reason"]
 
@@ -151,10 +154,10 @@ def test_retention_expires_finished_jobs_and_retry_keeps_them(redis_url, redis_c
     h = Holder("w")
     store.begin(job, 0, h, LEASE, 1)
     store.fail(job, 0, h.token, "bad", None)
-    assert 0 < redis_client.ttl(keys.job(job)) <= 100 and 0 < redis_client.ttl(keys.uris(job)) <= 100
+    assert 0 < redis_client.ttl(KEYS.job(job)) <= 100 and 0 < redis_client.ttl(KEYS.uris(job)) <= 100
     assert job not in store.active_jobs()
     assert store.retry(job) == [0]
-    assert redis_client.ttl(keys.job(job)) == -1, "a retried job is kept until it finishes again"
+    assert redis_client.ttl(KEYS.job(job)) == -1, "a retried job is kept until it finishes again"
     snap = store.get_job(job)
     assert not snap.finished and snap.n_failed == 0 and snap.count(PENDING) == 1
     assert store.shard_uris(job, 0) == ["/img/0-0.jpg", "/img/0-1.jpg"], "URIs recoverable without the message"

@@ -6,8 +6,10 @@ import pandas as pd
 
 from tests import probe_model
 from tests.conftest import PHOTOS, batchinfer, start_probe_worker, submit_probe, wait_until
-from workers import keys
+from workers.keys import Keys
 from workers.redis_jobstore import RedisJobStore
+
+KEYS = Keys()  # the default namespace's key names
 
 
 def test_job_ids_are_validated_and_never_reused(redis_url, redis_client, tmp_path):
@@ -48,7 +50,7 @@ def test_cancel_then_delete(redis_url, redis_client, probe, tmp_path):
         assert "handed back (job cancelled)" in w.text()
         status = batchinfer("status", job_id, broker=redis_url).stdout
         assert f"job      {job_id} (cancelled)" in status
-        assert 0 < redis_client.ttl(keys.job(job_id)) <= 300, "a finished job's state expires after the retention"
+        assert 0 < redis_client.ttl(KEYS.job(job_id)) <= 300, "a finished job's state expires after the retention"
 
         col = batchinfer("collect", job_id, "--output", str(tmp_path / "r.parquet"), broker=redis_url, check=False)
         assert col.returncode == 1 and "cancelled" in col.stderr
@@ -69,15 +71,15 @@ def test_delete_rows_of_a_redis_sink_job(redis_url, redis_client):
     store = RedisJobStore.from_url(redis_url)
     store.create_job("sinkjob", {"model": {}, "output": {"sink": "redis"}})
     store.add_shard("sinkjob", 0, ["/a.jpg"])
-    redis_client.hset(keys.image("sinkjob", "/a.jpg"), mapping={"uri": "/a.jpg", "label": "cat"})
-    redis_client.rpush(keys.shard_rows("sinkjob", "shard-000000"), keys.image("sinkjob", "/a.jpg"))
-    redis_client.hset(keys.image("otherjob", "/a.jpg"), "uri", "/a.jpg")
+    redis_client.hset(KEYS.image("sinkjob", "/a.jpg"), mapping={"uri": "/a.jpg", "label": "cat"})
+    redis_client.rpush(KEYS.shard_rows("sinkjob", "shard-000000"), KEYS.image("sinkjob", "/a.jpg"))
+    redis_client.hset(KEYS.image("otherjob", "/a.jpg"), "uri", "/a.jpg")
     batchinfer("delete", "sinkjob", broker=redis_url)
-    assert redis_client.exists(keys.image("sinkjob", "/a.jpg")), "rows stay without --rows"
-    assert not redis_client.exists(keys.job("sinkjob"))
+    assert redis_client.exists(KEYS.image("sinkjob", "/a.jpg")), "rows stay without --rows"
+    assert not redis_client.exists(KEYS.job("sinkjob"))
     store.create_job("sinkjob", {"model": {}, "output": {"sink": "redis"}})
     batchinfer("delete", "sinkjob", "--rows", broker=redis_url)
     assert redis_client.keys("batchinfer:job:sinkjob*") == []
-    assert redis_client.exists(keys.image("otherjob", "/a.jpg")), "another job's rows are untouched"
+    assert redis_client.exists(KEYS.image("otherjob", "/a.jpg")), "another job's rows are untouched"
     missing = batchinfer("delete", "sinkjob", broker=redis_url, check=False)
     assert missing.returncode == 2 and "unknown job" in missing.stderr

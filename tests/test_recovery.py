@@ -8,10 +8,13 @@ import pytest
 
 from workers import keys
 from workers.jobstate import PENDING, RUN, Holder
+from workers.keys import Keys
 from workers.recovery import Recovery
 from workers.redis_jobstore import RedisJobStore
 from workers.settings import Settings
 from workers.spool import STATE
+
+KEYS = Keys()  # the default namespace's key names
 
 
 class Clock:
@@ -51,7 +54,7 @@ def test_expired_leases_are_reaped_and_requeued_with_their_uris(setup, redis_cli
     assert store.shard_uris("j", 1) == ["/img/1.jpg"]
     assert sent[0].model.name == "MobileNetV2" and sent[0].output.path == "/out"
     assert not redis_client.hexists("unacked", "t-1"), "the dead worker's broker copy cannot come back"
-    assert not redis_client.zcard(keys.delayed()), "published once, then forgotten"
+    assert not redis_client.zcard(KEYS.delayed()), "published once, then forgotten"
     assert store.live_workers("batchinfer", 5) == ["me@host"]
 
 
@@ -90,9 +93,9 @@ def test_cancelled_and_unknown_jobs_are_not_published(setup, redis_client):
     store, recovery, sent, clock = setup
     store.schedule("j", [0])
     store.cancel("j")
-    redis_client.zadd(keys.delayed(), {keys.member("gone", 4): 0})
+    redis_client.zadd(KEYS.delayed(), {keys.member("gone", 4): 0})
     assert recovery.run_once()["published"] == 0 and not sent
-    assert not redis_client.zcard(keys.delayed())
+    assert not redis_client.zcard(KEYS.delayed())
 
 
 def test_settings_back_off_over_minutes_and_are_checked():

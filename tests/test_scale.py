@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 from tests.conftest import batchinfer
-from workers import keys
+from workers.keys import Keys
 from workers.redis_jobstore import RedisJobStore
+
+KEYS = Keys()  # the default namespace's key names
 
 N_URIS = 100_000
 
@@ -39,11 +41,11 @@ def test_status_of_a_400000_shard_job_reads_a_bounded_amount(redis_url, redis_cl
     record = json.dumps({"state": "pending", "images_in": 256, "attempts": 0, "runs": 0})
     pipe = redis_client.pipeline(transaction=False)
     for start in range(0, 400_000, 10_000):
-        pipe.hset(keys.shards("huge"), mapping={str(i): record for i in range(start, start + 10_000)})
-    pipe.hset(keys.job("huge"), mapping={"n_shards": 400_000})
+        pipe.hset(KEYS.shards("huge"), mapping={str(i): record for i in range(start, start + 10_000)})
+    pipe.hset(KEYS.job("huge"), mapping={"n_shards": 400_000})
     pipe.execute()
     store.finish_submit("huge", 400_000, 400_000 * 256)
-    assert redis_client.memory_usage(keys.shards("huge")) > 20_000_000, "the shard records are big"
+    assert redis_client.memory_usage(KEYS.shards("huge")) > 20_000_000, "the shard records are big"
 
     def bytes_sent(*args: str) -> int:
         before = redis_client.info("stats")["total_net_output_bytes"]

@@ -42,7 +42,9 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
         "task_ignore_result": True,  # progress lives in the job state, not in a result backend
         "task_default_queue": settings.queue,
         "task_routes": {TASK_NAME: {"queue": settings.queue}},
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # global_keyprefix: the broker's keys under the deployment's namespace (ACL patterns), once one is set
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                     **({"global_keyprefix": prefix} if (prefix := settings.broker_prefix) else {})},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,  # Flower shows running shards

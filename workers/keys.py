@@ -1,75 +1,99 @@
-"""The Redis key layout, in one place (documented in the README).
+"""The Redis key layout, in one place (documented in the README). ``{ns}`` is the deployment's namespace
+(``BATCHINFER_NAMESPACE``, default ``batchinfer``): every key of a deployment starts with it, so one ACL key
+pattern (``~{ns}:*``) confines a Redis user to its own deployment (``infra/redis/users.acl``). With a namespace
+set, the broker's keys (queues, unacked messages, bindings) move under ``{ns}:broker:`` as well.
 
-    batchinfer:jobs                         sorted set: job ids by creation time
-    batchinfer:active                       set: jobs not finished yet (what the recovery loop looks at)
-    batchinfer:leases                       sorted set: "{job}/{shard}" of running shards -> lease deadline
-    batchinfer:delayed                      sorted set: "{job}/{shard}" to (re-)enqueue -> when
-    batchinfer:queue:{queue}:workers        sorted set: worker node names consuming the queue -> last seen
-    batchinfer:job:{job}                    hash: spec (JSON), created, submitted, shards_total, images_total,
+    {ns}:jobs                               sorted set: job ids by creation time
+    {ns}:active                             set: jobs not finished yet (what the recovery loop looks at)
+    {ns}:leases                             sorted set: "{job}/{shard}" of running shards -> lease deadline
+    {ns}:delayed                            sorted set: "{job}/{shard}" to (re-)enqueue -> when
+    {ns}:queue:{queue}:workers              sorted set: worker node names consuming the queue -> last seen
+    {ns}:job:{job}                          hash: spec (JSON), created, submitted, shards_total, images_total,
                                             counters (n_done, n_failed, n_running, images_done, errors_done,
                                             n_lost), cancelled, finished
-    batchinfer:job:{job}:shards             hash: shard id -> JSON state (pending/running/done/failed, attempts, ...)
-    batchinfer:job:{job}:leases             hash: shard id -> JSON lease (worker, pid, attempt, heartbeat, ...)
-    batchinfer:job:{job}:failed             sorted set: dead-lettered shard ids -> when they failed
-    batchinfer:job:{job}:uris               hash: shard id -> the shard's URIs (zlib-compressed JSON list)
-    batchinfer:job:{job}:rows:{shard}       list: the image keys a shard wrote (Redis sink), in input order
-    batchinfer:job:{job}:schema             string: the output's Arrow schema, IPC-serialised (Redis sink)
-    batchinfer:job:{job}:committed          hash: shard -> JSON {images, errors} of committed rows (Redis sink)
-    batchinfer:job:{job}:img:{uri}          hash: one image's row (Redis sink)
-    batchinfer:job:{job}:staging:{shard}:{attempt}:{n}   hash: a row not yet committed (expires in a day)
+    {ns}:job:{job}:shards                   hash: shard id -> JSON state (pending/running/done/failed, attempts, ...)
+    {ns}:job:{job}:leases                   hash: shard id -> JSON lease (worker, pid, attempt, heartbeat, ...)
+    {ns}:job:{job}:failed                   sorted set: dead-lettered shard ids -> when they failed
+    {ns}:job:{job}:uris                     hash: shard id -> the shard's URIs (zlib-compressed JSON list)
+    {ns}:job:{job}:rows:{shard}             list: the image keys a shard wrote (Redis sink), in input order
+    {ns}:job:{job}:schema                   string: the output's Arrow schema, IPC-serialised (Redis sink)
+    {ns}:job:{job}:committed                hash: shard -> JSON {images, errors} of committed rows (Redis sink)
+    {ns}:job:{job}:img:{uri}                hash: one image's row (Redis sink)
+    {ns}:job:{job}:staging:{shard}:{attempt}:{n}   hash: a row not yet committed (expires in a day)
 """
 
-PREFIX = "batchinfer"
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "batchinfer"
 
 
-def jobs() -> str:
-    return f"{PREFIX}:jobs"
+@dataclass(frozen=True)
+class Keys:
+    """The key names of one deployment (``prefix``: its namespace)."""
 
+    prefix: str = DEFAULT_NAMESPACE
 
-def active() -> str:
-    return f"{PREFIX}:active"
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
 
+    def active(self) -> str:
+        return f"{self.prefix}:active"
 
-def leases() -> str:
-    return f"{PREFIX}:leases"
+    def leases(self) -> str:
+        return f"{self.prefix}:leases"
 
+    def delayed(self) -> str:
+        return f"{self.prefix}:delayed"
 
-def delayed() -> str:
-    return f"{PREFIX}:delayed"
+    def queue_workers(self, queue: str) -> str:
+        return f"{self.prefix}:queue:{queue}:workers"
 
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
 
-def queue_workers(queue: str) -> str:
-    return f"{PREFIX}:queue:{queue}:workers"
+    def shards(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:shards"
 
+    def job_leases(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:leases"
 
-def job(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
+    def failed(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:failed"
 
+    def uris(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:uris"
 
-def shards(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:shards"
+    def state_keys(self, job_id: str) -> list[str]:
+        """The keys of a job's state (not its Redis-sink rows): what retention expires and ``delete`` removes."""
+        return [self.job(job_id), self.shards(job_id), self.job_leases(job_id), self.failed(job_id),
+                self.uris(job_id)]
 
+    def transition(self, job_id: str) -> list[str]:
+        """KEYS[1..8] of a state transition (``workers.lua``): job, shards, job leases, failed, leases, delayed,
+        active, URIs."""
+        return [self.job(job_id), self.shards(job_id), self.job_leases(job_id), self.failed(job_id),
+                self.leases(), self.delayed(), self.active(), self.uris(job_id)]
 
-def job_leases(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:leases"
+    def job_pattern(self, job_id: str) -> str:
+        """Every key of one job, state and Redis-sink rows (for ``delete --rows``)."""
+        return f"{self.prefix}:job:{job_id}:*"
 
+    def shard_rows(self, job_id: str, shard: str) -> str:
+        return f"{self.prefix}:job:{job_id}:rows:{shard}"
 
-def failed(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:failed"
+    def committed(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:committed"
 
+    def image(self, job_id: str, uri: str) -> str:
+        return f"{self.prefix}:job:{job_id}:img:{uri}"
 
-def uris(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:uris"
+    def staging(self, job_id: str, shard: str, attempt: str) -> str:
+        return f"{self.prefix}:job:{job_id}:staging:{shard}:{attempt}"
 
-
-def state_keys(job_id: str) -> list[str]:
-    """The keys of a job's state (not its Redis-sink rows): what retention expires and ``delete`` removes."""
-    return [job(job_id), shards(job_id), job_leases(job_id), failed(job_id), uris(job_id)]
-
-
-def job_pattern(job_id: str) -> str:
-    """Every key of one job, state and Redis-sink rows (for ``delete --rows``)."""
-    return f"{PREFIX}:job:{job_id}:*"
+    def schema(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:schema"
 
 
 def member(job_id: str, shard_id: int) -> str:
@@ -81,23 +105,3 @@ def parse_member(value: str | bytes) -> tuple[str, int]:
     text = value.decode() if isinstance(value, bytes) else value
     job_id, _, shard = text.rpartition("/")
     return job_id, int(shard)
-
-
-def shard_rows(job_id: str, shard: str) -> str:
-    return f"{PREFIX}:job:{job_id}:rows:{shard}"
-
-
-def committed(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:committed"
-
-
-def image(job_id: str, uri: str) -> str:
-    return f"{PREFIX}:job:{job_id}:img:{uri}"
-
-
-def staging(job_id: str, shard: str, attempt: str) -> str:
-    return f"{PREFIX}:job:{job_id}:staging:{shard}:{attempt}"
-
-
-def schema(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:schema"

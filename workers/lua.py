@@ -6,15 +6,6 @@ retention as its first arguments. Times are the server's (``TIME``), so workers'
 
 from __future__ import annotations
 
-from workers import keys
-
-
-def keys_of(job_id: str) -> list[str]:
-    """KEYS[1..8] of a transition: job, shards, job leases, failed, leases, delayed, active, URIs."""
-    return [keys.job(job_id), keys.shards(job_id), keys.job_leases(job_id), keys.failed(job_id),
-            keys.leases(), keys.delayed(), keys.active(), keys.uris(job_id)]
-
-
 PRELUDE = """
 local K_JOB, K_SHARDS, K_JLEASES, K_FAILED, K_LEASES, K_DELAYED, K_ACTIVE =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]

@@ -86,7 +86,7 @@ class Recovery:
         if self.broker is None:
             return 0
         resent = 0
-        queue_empty = self.broker.llen(self.settings.queue) == 0
+        queue_empty = self.broker.llen(self.settings.broker_prefix + self.settings.queue) == 0
         for job_id in self.store.active_jobs():
             job = self.store.get_job(job_id)
             if job is None or job.cancelled or not (job.submitted or job.submit_error):
@@ -115,9 +115,10 @@ class Recovery:
         if self.broker is None or not delivery_tag:
             return
         try:
+            prefix = self.settings.broker_prefix  # kombu's global_keyprefix
             pipe = self.broker.pipeline()
-            pipe.hdel("unacked", delivery_tag)
-            pipe.zrem("unacked_index", delivery_tag)
+            pipe.hdel(f"{prefix}unacked", delivery_tag)
+            pipe.zrem(f"{prefix}unacked_index", delivery_tag)
             pipe.execute()
         except Exception as exc:  # the reaped shard is requeued anyway; a stale copy is skipped if it returns
             log.info("could not drop the unacked message %s: %s", delivery_tag, exc)
@@ -180,7 +181,7 @@ def recovery_step() -> Any:
             from workers.redis_jobstore import RedisJobStore
 
             settings = Settings.from_env()
-            store = RedisJobStore.from_url(settings.state_url, settings.retention, tls=settings.redis_tls)
+            store = RedisJobStore.from_settings(settings)
             self.recovery = Recovery(store, settings, parent.hostname, celery_publisher(parent.app, settings.queue),
                                      broker_client(settings.broker_url, settings.redis_tls))
             self.thread = threading.Thread(target=self.recovery.run, args=(self.stop_event,), daemon=True,

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers import keys, lua
 from workers.contract import ShardList
 from workers.jobstate import Begin, Holder, JobState
+from workers.keys import Keys
 from workers.redis_conn import RedisTLS, redis_client
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
 
 
 def _s(value: Any) -> str | None:
@@ -36,26 +40,33 @@ def unpack_shard_list(blob: bytes) -> ShardList:
 class RedisJobStore:
     """Job state in Redis; see ``workers.keys`` for the layout and ``workers.lua`` for the transitions."""
 
-    def __init__(self, client: Any, retention: float = 7 * 24 * 3600) -> None:
+    def __init__(self, client: Any, retention: float = 7 * 24 * 3600, keys: Keys | None = None) -> None:
         self.client = client
         self.retention = int(retention)
+        self.keys = keys or Keys()
         self._scripts = {name: client.register_script(getattr(lua, name)) for name in (
             "BEGIN", "HEARTBEAT", "FINISH", "FAIL", "RELEASE", "REAP", "RETRY", "CANCEL", "SUBMIT_DONE", "RESUME",
             "ADD_SHARD", "CREATE", "CLAIM_DUE", "DROP_CLAIMED")}
 
     @classmethod
     def from_url(cls, url: str, retention: float = 7 * 24 * 3600, socket_timeout: float | None = 30,
-                 tls: RedisTLS | None = None) -> RedisJobStore:
+                 tls: RedisTLS | None = None, keys: Keys | None = None) -> RedisJobStore:
         client = redis_client(url, tls, socket_connect_timeout=5, socket_timeout=socket_timeout,
                               health_check_interval=30)
-        return cls(client, retention)
+        return cls(client, retention, keys)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, socket_timeout: float | None = 30) -> RedisJobStore:
+        """The deployment's job state: its URL, TLS options, retention and namespace."""
+        return cls.from_url(settings.state_url, settings.retention, socket_timeout, settings.redis_tls,
+                            Keys(settings.namespace))
 
     def _transition(self, name: str, job_id: str, shard_id: int | str, *args: Any) -> Any:
-        return self._scripts[name](keys=lua.keys_of(job_id), args=[job_id, shard_id, self.retention, *args])
+        return self._scripts[name](keys=self.keys.transition(job_id), args=[job_id, shard_id, self.retention, *args])
 
     # -- the producer's side --
     def create_job(self, job_id: str, spec: dict[str, Any]) -> bool:
-        return bool(self._scripts["CREATE"](keys=[keys.job(job_id), keys.jobs(), keys.active()],
+        return bool(self._scripts["CREATE"](keys=[self.keys.job(job_id), self.keys.jobs(), self.keys.active()],
                                             args=[job_id, json.dumps(spec), 0, spec.get("queue") or "batchinfer"]))
 
     def add_shard(self, job_id: str, shard_id: int, uris: list[str], keep_uris: bool = True,
@@ -63,7 +74,8 @@ class RedisJobStore:
         """Record a pending shard; its URIs (and kept column values) too unless the job spools them
         (``workers.spool``)."""
         blob = pack_shard_list(ShardList(uris, columns or {})) if keep_uris else b""
-        return bool(self._scripts["ADD_SHARD"](keys=[keys.job(job_id), keys.shards(job_id), keys.uris(job_id)],
+        k = self.keys
+        return bool(self._scripts["ADD_SHARD"](keys=[k.job(job_id), k.shards(job_id), k.uris(job_id)],
                                                args=[shard_id, len(uris), blob]))
 
     def finish_submit(self, job_id: str, shards: int, images: int) -> None:
@@ -102,7 +114,7 @@ class RedisJobStore:
 
     def shard_list(self, job_id: str, shard_id: int) -> ShardList | None:
         """A shard's list (URIs, kept column values), from Redis or from the job's spool."""
-        blob = self.client.hget(keys.uris(job_id), str(shard_id))
+        blob = self.client.hget(self.keys.uris(job_id), str(shard_id))
         if blob:
             return unpack_shard_list(blob)
         spool = self.spool(job_id)
@@ -120,7 +132,7 @@ class RedisJobStore:
         return None if listed is None else listed.uris
 
     def spool(self, job_id: str) -> str | None:
-        raw = self.client.hget(keys.job(job_id), "spec")
+        raw = self.client.hget(self.keys.job(job_id), "spec")
         return json.loads(raw).get("spool") if raw else None
 
     # -- recovery (run by every worker, see workers.recovery) --
@@ -130,57 +142,57 @@ class RedisJobStore:
 
     def expired_leases(self, limit: int = 100) -> list[tuple[str, int]]:
         now = self.server_time()
-        return [keys.parse_member(m) for m in self.client.zrangebyscore(keys.leases(), "-inf", now, 0, limit)]
+        return [keys.parse_member(m) for m in self.client.zrangebyscore(self.keys.leases(), "-inf", now, 0, limit)]
 
     def reap(self, job_id: str, shard_id: int, max_attempts: int) -> tuple[str, dict[str, Any] | None]:
         out = self._transition("REAP", job_id, shard_id, max_attempts)
         return _s(out[0]), (json.loads(out[1]) if len(out) > 1 else None)  # type: ignore[return-value]
 
     def claim_due(self, limit: int = 100, visibility: float = 60) -> list[tuple[str, int, str]]:
-        out = self._scripts["CLAIM_DUE"](keys=[keys.delayed()], args=[limit, visibility])
+        out = self._scripts["CLAIM_DUE"](keys=[self.keys.delayed()], args=[limit, visibility])
         return [(*keys.parse_member(out[i]), _s(out[i + 1])) for i in range(0, len(out), 2)]  # type: ignore[misc]
 
     def drop_claimed(self, job_id: str, shard_id: int, score: str) -> None:
-        self._scripts["DROP_CLAIMED"](keys=[keys.delayed()], args=[keys.member(job_id, shard_id), score])
+        self._scripts["DROP_CLAIMED"](keys=[self.keys.delayed()], args=[keys.member(job_id, shard_id), score])
 
     def schedule(self, job_id: str, shard_ids: list[int]) -> None:
         """Enqueue these shards (again) at the next recovery pass; duplicates are harmless."""
         if shard_ids:
             now = self.server_time()
-            self.client.zadd(keys.delayed(), {keys.member(job_id, s): now for s in shard_ids})
+            self.client.zadd(self.keys.delayed(), {keys.member(job_id, s): now for s in shard_ids})
 
     def active_jobs(self) -> list[str]:
-        return sorted(str(_s(j)) for j in self.client.smembers(keys.active()))
+        return sorted(str(_s(j)) for j in self.client.smembers(self.keys.active()))
 
     def pending_shards(self, job_id: str) -> list[int]:
         """Shards neither running nor finished (a scan of the job's shard records: recovery only)."""
-        return [int(k) for k, v in self.client.hscan_iter(keys.shards(job_id), count=1000)
+        return [int(k) for k, v in self.client.hscan_iter(self.keys.shards(job_id), count=1000)
                 if json.loads(v).get("state") == "pending"]
 
     def touch_worker(self, queue: str, worker: str) -> None:
-        self.client.zadd(keys.queue_workers(queue), {worker: self.server_time()})
+        self.client.zadd(self.keys.queue_workers(queue), {worker: self.server_time()})
 
     def forget_worker(self, queue: str, worker: str) -> None:
-        self.client.zrem(keys.queue_workers(queue), worker)
+        self.client.zrem(self.keys.queue_workers(queue), worker)
 
     def live_workers(self, queue: str, within: float) -> list[str]:
         now = self.server_time()
-        self.client.zremrangebyscore(keys.queue_workers(queue), "-inf", now - 10 * within)
-        return [_s(w) for w in self.client.zrangebyscore(keys.queue_workers(queue), now - within, "+inf")]  # type: ignore[misc]
+        self.client.zremrangebyscore(self.keys.queue_workers(queue), "-inf", now - 10 * within)
+        return [_s(w) for w in self.client.zrangebyscore(self.keys.queue_workers(queue), now - within, "+inf")]  # type: ignore[misc]
 
     def list_shards(self, job_id: str, state: str, limit: int = 50) -> list[dict[str, Any]]:
         """Up to ``limit`` shard records in ``state``: failed and running from their small indexes,
         pending and done by a cursor scan that stops once ``limit`` are found."""
         if state == "failed":
-            ids = self.client.zrange(keys.failed(job_id), 0, limit - 1)
-            records = self.client.hmget(keys.shards(job_id), ids) if ids else []
+            ids = self.client.zrange(self.keys.failed(job_id), 0, limit - 1)
+            records = self.client.hmget(self.keys.shards(job_id), ids) if ids else []
             return [{"shard": int(i), **json.loads(r)} for i, r in zip(ids, records) if r]
         if state == "running":
-            return [{"shard": int(k), **json.loads(v)}
-                    for k, v in sorted(self.client.hgetall(keys.job_leases(job_id)).items(), key=lambda kv: int(kv[0]))
+            leases = self.client.hgetall(self.keys.job_leases(job_id))
+            return [{"shard": int(k), **json.loads(v)} for k, v in sorted(leases.items(), key=lambda kv: int(kv[0]))
                     ][:limit]
         out: list[dict[str, Any]] = []
-        for k, v in self.client.hscan_iter(keys.shards(job_id), count=1000):
+        for k, v in self.client.hscan_iter(self.keys.shards(job_id), count=1000):
             record = json.loads(v)
             if record.get("state") == state:
                 out.append({"shard": int(k), **record})
@@ -198,28 +210,28 @@ class RedisJobStore:
 
     def delete(self, job_id: str, rows: bool = False) -> int:
         """Remove the job's state (and with ``rows`` its Redis-sink rows); return the number of keys deleted."""
-        names = list(keys.state_keys(job_id))
+        names = list(self.keys.state_keys(job_id))
         if rows:
-            names += [k for k in self.client.scan_iter(keys.job_pattern(job_id), count=1000)]
+            names += [k for k in self.client.scan_iter(self.keys.job_pattern(job_id), count=1000)]
         deleted = 0
         for i in range(0, len(names), 500):
             deleted += self.client.delete(*names[i:i + 500])
         prefix = f"{job_id}/"
-        for big in (keys.leases(), keys.delayed()):
+        for big in (self.keys.leases(), self.keys.delayed()):
             gone = [m for m, _ in self.client.zscan_iter(big, match=f"{prefix}*", count=1000)]
             if gone:
                 self.client.zrem(big, *gone)
-        self.client.zrem(keys.jobs(), job_id)
-        self.client.srem(keys.active(), job_id)
+        self.client.zrem(self.keys.jobs(), job_id)
+        self.client.srem(self.keys.active(), job_id)
         return deleted
 
     def recent_jobs(self, limit: int = 20) -> list[JobState]:
         """The newest jobs first; ids whose state has expired are dropped from the index."""
         out: list[JobState] = []
-        for raw in self.client.zrevrange(keys.jobs(), 0, limit * 2):
+        for raw in self.client.zrevrange(self.keys.jobs(), 0, limit * 2):
             job = self.get_job(_s(raw))  # type: ignore[arg-type]
             if job is None:
-                self.client.zrem(keys.jobs(), raw)
+                self.client.zrem(self.keys.jobs(), raw)
             elif len(out) < limit:
                 out.append(job)
         return out
@@ -227,12 +239,12 @@ class RedisJobStore:
     # -- reading --
     def get_job(self, job_id: str, shards: bool = False) -> JobState | None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(keys.job(job_id))
-        pipe.hgetall(keys.job_leases(job_id))
-        pipe.zrange(keys.failed(job_id), 0, 19)
+        pipe.hgetall(self.keys.job(job_id))
+        pipe.hgetall(self.keys.job_leases(job_id))
+        pipe.zrange(self.keys.failed(job_id), 0, 19)
         pipe.time()
         if shards:
-            pipe.hgetall(keys.shards(job_id))
+            pipe.hgetall(self.keys.shards(job_id))
         raw_meta, raw_leases, failed_ids, (sec, usec), *rest = pipe.execute()
         if not raw_meta:
             return None
@@ -241,7 +253,7 @@ class RedisJobStore:
                          key=lambda r: r["shard"])
         failed = []
         if failed_ids:
-            for shard_id, rec in zip(failed_ids, self.client.hmget(keys.shards(job_id), failed_ids)):
+            for shard_id, rec in zip(failed_ids, self.client.hmget(self.keys.shards(job_id), failed_ids)):
                 failed.append({"shard": int(shard_id), **(json.loads(rec) if rec else {})})
         records = {int(k): json.loads(v) for k, v in rest[0].items()} if shards else {}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
+from workers.keys import DEFAULT_NAMESPACE
 from workers.redis_conn import RedisTLS
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
@@ -119,6 +120,18 @@ def _ports(env: dict[str, str], name: str) -> tuple[int, int] | None:
     return ports
 
 
+NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _namespace(raw: str | None) -> str | None:
+    """Letters, digits, ``_``, ``.`` and ``-``: safe in an ACL key pattern (no glob characters, no ``:``)."""
+    value = (raw or "").strip()
+    if value and not NAMESPACE.fullmatch(value):
+        raise ConfigError(f"BATCHINFER_NAMESPACE must be letters, digits, '_', '.' and '-' (at most 64, starting "
+                          f"with a letter or digit), got {value!r}")
+    return value or None
+
+
 def _seconds(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -152,6 +165,10 @@ class Settings:
 
     ``redis_tls``: the TLS options of ``rediss://`` URLs (``workers.redis_conn``).
 
+    ``namespace`` (``BATCHINFER_NAMESPACE``): the prefix of every Redis key of this deployment (``workers.keys``),
+    ``batchinfer`` when unset; once set, the broker's keys move under ``{namespace}:broker:`` too (kombu's
+    ``global_keyprefix``), so deployments sharing a Redis server are kept apart by ACL key patterns.
+
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
 
@@ -184,6 +201,7 @@ class Settings:
     metrics_ports: tuple[int, int] | None = None
     metrics_host: str = "0.0.0.0"
     redis_tls: RedisTLS = RedisTLS()
+    namespace_set: str | None = None  # BATCHINFER_NAMESPACE as given (None: the default, broker keys unprefixed)
     # confinement (workers.confine)
     allowed_roots: Roots = ANYWHERE
     trusted_models: Roots = NOWHERE
@@ -217,6 +235,7 @@ class Settings:
             metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
             redis_tls=RedisTLS.from_env(env),
+            namespace_set=_namespace(env.get("BATCHINFER_NAMESPACE")),
             allowed_roots=Roots.parse(env.get("BATCHINFER_ALLOWED_ROOTS"), "BATCHINFER_ALLOWED_ROOTS"),
             trusted_models=trusted_models(env.get("BATCHINFER_TRUST_MODELS")),
         ).checked()
@@ -230,6 +249,16 @@ class Settings:
             raise ConfigError(f"BATCHINFER_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
                              f"BATCHINFER_LEASE_SECONDS ({self.lease_seconds}), or live shards would lose their lease")
         return checked
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of this deployment's Redis keys."""
+        return self.namespace_set or DEFAULT_NAMESPACE
+
+    @property
+    def broker_prefix(self) -> str:
+        """kombu's ``global_keyprefix``: the broker's keys under the namespace, once one is set."""
+        return f"{self.namespace_set}:broker:" if self.namespace_set else ""
 
     def backoff(self, attempt: int, jitter: float = 0.5) -> float:
         """Seconds to wait before retrying after failed attempt number ``attempt`` (1-based)."""

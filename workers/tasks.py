@@ -50,7 +50,7 @@ def _process_state() -> tuple[Settings, RedisJobStore, Any, Any]:
     from workers.models.loader import PredictorCache
 
     settings = Settings.from_env()
-    store = RedisJobStore.from_url(settings.state_url, settings.retention, tls=settings.redis_tls)
+    store = RedisJobStore.from_settings(settings)
     metrics = pool_metrics(settings)
     on_build = (lambda p, seconds: metrics.model_loaded(p.model_name, seconds)) if metrics else None
     return settings, store, PredictorCache(settings.model_cache_size, settings=settings, on_build=on_build), metrics

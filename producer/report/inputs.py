@@ -92,29 +92,29 @@ def open_source(source: str, broker: str | None = None) -> Iterator[Source]:
 
 def _job_source(job_id: str, broker: str | None) -> Source:
     from producer.collect import get_job, shard_tables
-    from producer.jobs import connect_store
+    from producer.jobs import connect_rows, connect_store
     from producer.submit import settings_with_broker
     from workers.contract import OutputSpec
     from workers.jobrecord import job_record
     from workers.jobstate import DONE
 
     settings = settings_with_broker(broker)
-    store = connect_store(settings.state_url, settings.retention)
+    store = connect_store(settings)
     try:
         job = get_job(store, job_id, shards=True)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (and no file or folder of that name)") from exc
     output = OutputSpec.from_dict(job.spec["output"])
-    client = connect_store(settings.redis_sink_url).client if output.sink == "redis" else None
+    rows = connect_rows(settings) if output.sink == "redis" else None
     done = sorted(i for i, s in job.shards.items() if s.get("state") == DONE)
-    schema = _job_schema(job_id, output, done, client)
+    schema = _job_schema(job_id, output, done, rows)
     metadata = read_job_metadata(schema) if schema is not None else {}
     if not metadata:
         model = job.spec.get("model") or {}
         metadata = {"job_id": job_id, "model": model.get("name"), "task": model.get("task"), "model_spec": model}
 
     def read(columns: list[str]) -> Iterator[pa.Table]:
-        with contextlib.closing(shard_tables(job, output, client, columns=columns)) as tables:
+        with contextlib.closing(shard_tables(job, output, rows, columns=columns)) as tables:
             yield from tables
 
     total = job.shards_total if job.shards_total is not None else len(job.shards)
@@ -131,13 +131,11 @@ def _job_source(job_id: str, broker: str | None) -> Source:
                   _clean(metadata), job_record(job), job.images_done, read, notes, where)
 
 
-def _job_schema(job_id: str, output: Any, done: list[int], client: Any) -> pa.Schema | None:
+def _job_schema(job_id: str, output: Any, done: list[int], rows: Any) -> pa.Schema | None:
     if not done:
         return None
     if output.sink == "redis":
-        from workers.sinks.redis import read_schema as redis_schema
-
-        return redis_schema(client, job_id)
+        return rows.schema(job_id)
     from workers.sinks.parquet import read_schema, shard_uri
 
     return read_schema(shard_uri(output.path or "", done[0]))

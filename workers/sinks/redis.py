@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers import keys
+from workers.keys import Keys
 from workers.redis_conn import redis_client
 from workers.settings import Settings
 from workers.sinks.base import Sink
@@ -37,12 +37,13 @@ class RedisSink(Sink):
     def __init__(self, task: Any, schema: pa.Schema, settings: Settings | None = None) -> None:
         settings = settings or Settings.from_env()
         self.client = redis_client(settings.redis_sink_url, settings.redis_tls)
+        self.keys = Keys(settings.namespace)
         self.job_id = task.job_id
         self.shard = task.name
         self.ttl = int(task.output.ttl or 0)
         self.schema = schema
         self.vectors = frozenset(f.name for f in schema if pa.types.is_fixed_size_list(f.type))
-        self.staging = keys.staging(self.job_id, self.shard, uuid.uuid4().hex[:12])
+        self.staging = self.keys.staging(self.job_id, self.shard, uuid.uuid4().hex[:12])
         self.staged: list[tuple[str, str]] = []  # (staging key, final key)
         self.errors = 0
 
@@ -57,11 +58,11 @@ class RedisSink(Sink):
             temp = f"{self.staging}:{len(self.staged)}"
             pipe.hset(temp, mapping=encode_row(row, self.shard, self.vectors))
             pipe.expire(temp, STAGING_TTL)
-            self.staged.append((temp, keys.image(self.job_id, row["uri"])))
+            self.staged.append((temp, self.keys.image(self.job_id, row["uri"])))
         pipe.execute()
 
     def close(self) -> None:
-        rows_key = keys.shard_rows(self.job_id, self.shard)
+        rows_key = self.keys.shard_rows(self.job_id, self.shard)
         pipe = self.client.pipeline(transaction=True)
         for temp, final in self.staged:
             pipe.rename(temp, final)  # replaces the whole hash: no stale fields from an earlier run
@@ -69,26 +70,26 @@ class RedisSink(Sink):
                 pipe.expire(final, self.ttl)
             else:
                 pipe.persist(final)
-        pipe.set(keys.schema(self.job_id), self.schema.serialize().to_pybytes())
+        pipe.set(self.keys.schema(self.job_id), self.schema.serialize().to_pybytes())
         if self.ttl:
-            pipe.expire(keys.schema(self.job_id), self.ttl)
+            pipe.expire(self.keys.schema(self.job_id), self.ttl)
         pipe.delete(rows_key)
         if self.staged:
             pipe.rpush(rows_key, *(final for _, final in self.staged))
             if self.ttl:
                 pipe.expire(rows_key, self.ttl)
         # the commit record a later attempt reads instead of redoing the shard (see ``committed``)
-        pipe.hset(keys.committed(self.job_id), self.shard,
+        pipe.hset(self.keys.committed(self.job_id), self.shard,
                   json.dumps({"images": len(self.staged), "errors": self.errors}))
         if self.ttl:
-            pipe.expire(keys.committed(self.job_id), self.ttl)
+            pipe.expire(self.keys.committed(self.job_id), self.ttl)
         pipe.execute()
 
     @classmethod
     def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
         settings = settings or Settings.from_env()
         client = redis_client(settings.redis_sink_url, settings.redis_tls)
-        raw = client.hget(keys.committed(task.job_id), task.name)
+        raw = client.hget(Keys(settings.namespace).committed(task.job_id), task.name)
         if raw is None:
             return None
         counts = json.loads(raw)
@@ -120,10 +121,25 @@ def encode_row(row: dict[str, Any], shard: str, vectors: frozenset[str] | None =
     return out
 
 
-def read_schema(client: Any, job_id: str) -> pa.Schema | None:
-    """The job's output schema, as the sink stored it (None before any shard committed)."""
-    raw = client.get(keys.schema(job_id))
-    return pa.ipc.read_schema(pa.py_buffer(raw)) if raw else None
+class RedisRows:
+    """A job's committed rows read back (``collect``, ``report``): the sink's server and key names."""
+
+    def __init__(self, client: Any, keys: Keys | None = None) -> None:
+        self.client = client
+        self.keys = keys or Keys()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisRows:
+        return cls(redis_client(settings.redis_sink_url, settings.redis_tls, socket_connect_timeout=5),
+                   Keys(settings.namespace))
+
+    def schema(self, job_id: str) -> pa.Schema | None:
+        """The job's output schema, as the sink stored it (None before any shard committed)."""
+        raw = self.client.get(self.keys.schema(job_id))
+        return pa.ipc.read_schema(pa.py_buffer(raw)) if raw else None
+
+    def shard(self, job_id: str, shard: str, schema: pa.Schema) -> pa.Table:
+        return read_rows(self.client, self.keys.shard_rows(job_id, shard), schema)
 
 
 def read_rows(client: Any, rows_key: str, schema: pa.Schema) -> pa.Table:
