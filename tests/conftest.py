@@ -102,14 +102,14 @@ class Worker:
     can kill the whole worker, main process and pool child, as a lost node would be)."""
 
     def __init__(self, broker: str, log: Path, cwd: Path, extra_env: dict[str, str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, options: tuple[str, ...] = ("--without-gossip", "--without-mingle")) -> None:
         env = {**os.environ, "BATCHINFER_BROKER_URL": broker, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.log = log
         self.name = name or f"test-{free_port()}"
         self.fh = open(log, "ab")
         self.proc = subprocess.Popen(
             [str(BIN / "celery"), "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "1",
-             "--hostname", f"{self.name}@%h", "--without-gossip", "--without-mingle"],
+             "--hostname", f"{self.name}@%h", *options],
             cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(lambda: self.proc.poll() is not None or b" ready." in self.log.read_bytes(), 90, "worker")
@@ -239,11 +239,14 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return probe_model.save(tmp_path_factory.mktemp("probe") / "probe.keras")
 
 
-def start_probe_worker(broker: str, folder: Path, name: str, **env: str) -> Worker:
-    """A worker named ``name`` that can load the probe model (its layer registered by the operator)."""
+def start_probe_worker(broker: str, folder: Path, name: str, options: tuple[str, ...] | None = None,
+                       **env: str) -> Worker:
+    """A worker named ``name`` that can load the probe model (its layer registered by the operator);
+    ``options``: its command line's options (default: no gossip, no mingle)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     extra = {"PYTHONPATH": path, "BATCHINFER_CUSTOM_OBJECTS": "tests.probe_model:CUSTOM_OBJECTS", **env}
-    return Worker(broker, folder / f"{name}.log", cwd=folder, extra_env=extra, name=name)
+    more = {} if options is None else {"options": options}
+    return Worker(broker, folder / f"{name}.log", cwd=folder, extra_env=extra, name=name, **more)
 
 
 def submit_probe(folder: Path, probe: Path, broker: str, *extra: str, shard_size: int = 4,

@@ -42,9 +42,7 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
         "task_ignore_result": True,  # progress lives in the job state, not in a result backend
         "task_default_queue": settings.queue,
         "task_routes": {TASK_NAME: {"queue": settings.queue}},
-        # global_keyprefix: the broker's keys under the deployment's namespace (ACL patterns), once one is set
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
-                                     **({"global_keyprefix": prefix} if (prefix := settings.broker_prefix) else {})},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout, **broker_namespace(settings)},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,  # Flower shows running shards
@@ -59,6 +57,12 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
                 value = raw
             config[name[len(ENV_PREFIX):].lower()] = value
     return config
+
+
+def broker_namespace(settings: Settings) -> dict[str, object]:
+    """With ``BATCHINFER_NAMESPACE`` set, the broker's keys and channels under ``{namespace}:broker:`` (kombu's
+    ``global_keyprefix``), so that ``infra/redis/users.acl.in`` can confine each deployment's users to them."""
+    return {"global_keyprefix": settings.broker_prefix} if settings.broker_prefix else {}
 
 
 app = Celery("batchinfer", include=["workers.tasks"])

@@ -1,7 +1,8 @@
 """Recovery, run by every worker in the background: no extra process to deploy.
 
 Every ``heartbeat_seconds`` each worker's main process (a thread started by ``RecoveryStep``):
-1. marks itself alive on its queue (``status`` says when a job's queue has no live consumer);
+1. marks itself alive on its queue (``status`` says when a job's queue has no live consumer), and now and
+   then drops expired jobs from the jobs index (so the readers of the state never write);
 2. reaps expired leases: a shard whose worker stopped heartbeating is requeued (or dead-lettered once
    its attempts are spent), and the dead worker's copy in the broker's unacked set is dropped so it
    cannot come back hours later;
@@ -29,6 +30,8 @@ from workers.spool import STATE, shard_ref
 
 log = logging.getLogger(__name__)
 
+PRUNE_EVERY = 300  # seconds between two looks for expired ids in the jobs index
+
 
 class Recovery:
     """One worker's recovery loop; ``run_once`` is one pass (tests call it directly)."""
@@ -40,11 +43,15 @@ class Recovery:
         self.clock = clock
         self.healthy_since: float | None = None
         self._idle: dict[str, tuple[tuple[Any, ...], float]] = {}  # job -> (counters, since)
+        self._pruned: float | None = None
 
     def run_once(self) -> dict[str, int]:
         """One pass; returns what it did (reaped, published, resent)."""
         now = self.clock()
         self.store.touch_worker(self.settings.queue, self.worker)
+        if self._pruned is None or now - self._pruned >= PRUNE_EVERY:
+            self.store.prune_jobs()
+            self._pruned = now
         if self.healthy_since is None:
             self.healthy_since = now
         done = {"reaped": 0, "published": 0, "resent": 0}

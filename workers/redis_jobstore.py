@@ -169,15 +169,20 @@ class RedisJobStore:
         return [int(k) for k, v in self.client.hscan_iter(self.keys.shards(job_id), count=1000)
                 if json.loads(v).get("state") == "pending"]
 
-    def touch_worker(self, queue: str, worker: str) -> None:
-        self.client.zadd(self.keys.queue_workers(queue), {worker: self.server_time()})
+    def touch_worker(self, queue: str, worker: str, forget_after: float = 3600) -> None:
+        """Mark ``worker`` alive on ``queue``, and forget workers unseen for ``forget_after`` seconds (the
+        workers keep this index small, so readers never need to write)."""
+        now = self.server_time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.queue_workers(queue), {worker: now})
+        pipe.zremrangebyscore(self.keys.queue_workers(queue), "-inf", now - forget_after)
+        pipe.execute()
 
     def forget_worker(self, queue: str, worker: str) -> None:
         self.client.zrem(self.keys.queue_workers(queue), worker)
 
     def live_workers(self, queue: str, within: float) -> list[str]:
         now = self.server_time()
-        self.client.zremrangebyscore(self.keys.queue_workers(queue), "-inf", now - 10 * within)
         return [_s(w) for w in self.client.zrangebyscore(self.keys.queue_workers(queue), now - within, "+inf")]  # type: ignore[misc]
 
     def list_shards(self, job_id: str, state: str, limit: int = 50) -> list[dict[str, Any]]:
@@ -226,15 +231,25 @@ class RedisJobStore:
         return deleted
 
     def recent_jobs(self, limit: int = 20) -> list[JobState]:
-        """The newest jobs first; ids whose state has expired are dropped from the index."""
+        """The newest jobs first (ids whose state has expired are skipped: ``prune_jobs`` drops them)."""
         out: list[JobState] = []
         for raw in self.client.zrevrange(self.keys.jobs(), 0, limit * 2):
             job = self.get_job(_s(raw))  # type: ignore[arg-type]
-            if job is None:
-                self.client.zrem(self.keys.jobs(), raw)
-            elif len(out) < limit:
+            if job is not None and len(out) < limit:
                 out.append(job)
         return out
+
+    def prune_jobs(self, limit: int = 200) -> int:
+        """Drop the oldest ids whose state has expired from the jobs index (run by the workers' recovery, so
+        that ``jobs`` and ``status`` only ever read); returns how many."""
+        ids = self.client.zrange(self.keys.jobs(), 0, limit - 1)
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self.keys.job(_s(job_id)))  # type: ignore[arg-type]
+        gone = [job_id for job_id, alive in zip(ids, pipe.execute()) if not alive]
+        if gone:
+            self.client.zrem(self.keys.jobs(), *gone)
+        return len(gone)
 
     # -- reading --
     def get_job(self, job_id: str, shards: bool = False) -> JobState | None:

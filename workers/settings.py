@@ -70,6 +70,36 @@ def normalized_redis_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}@{parts.netloc}", parts.path, query, parts.fragment))
 
 
+def with_password(url: str, password: str | None) -> str:
+    """``url`` with ``password`` added when it has none of its own (``BATCHINFER_REDIS_PASSWORD_FILE``: a
+    secret mounted as a file, so the URL in the environment names the user but holds no secret)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if password is None or parts.password is not None or "password=" in parts.query:
+        return url
+    secret = quote(password, safe="")
+    if parts.scheme == "unix":  # no host to put userinfo before: redis-py reads the query parameter
+        return f"{url}{'&' if '?' in url else '?'}password={secret}"
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit((parts.scheme, f"{user}:{secret}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _password_file(env: dict[str, str]) -> str | None:
+    path = (env.get("BATCHINFER_REDIS_PASSWORD_FILE") or "").strip()
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            password = fh.read().removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"BATCHINFER_REDIS_PASSWORD_FILE: cannot read {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not password:
+        raise ConfigError(f"BATCHINFER_REDIS_PASSWORD_FILE: {path} is empty")
+    return password
+
+
 def check_redis_url(url: str, what: str) -> str:
     """A Redis URL, or ``ConfigError`` naming where it came from (the broker and job state are Redis)."""
     scheme, sep, rest = url.partition("://")
@@ -209,12 +239,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
+        password = _password_file(env)
         broker = env.get("BATCHINFER_BROKER_URL") or DEFAULT_BROKER_URL
         state = env.get("BATCHINFER_STATE_URL") or broker
         return cls(
-            broker_url=broker,
-            state_url=state,
-            redis_sink_url=env.get("BATCHINFER_REDIS_URL") or state,
+            broker_url=with_password(broker, password),
+            state_url=with_password(state, password),
+            redis_sink_url=with_password(env.get("BATCHINFER_REDIS_URL") or state, password),
             queue=env.get("BATCHINFER_QUEUE") or "batchinfer",
             visibility_timeout=_positive(env, "BATCHINFER_VISIBILITY_TIMEOUT", 6 * 3600),
             io_threads=_positive(env, "BATCHINFER_IO_THREADS", 8),
