@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
 from workers.redis_conn import RedisTLS
+from workers.signing import Signing
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
@@ -152,6 +153,9 @@ class Settings:
 
     ``redis_tls``: the TLS options of ``rediss://`` URLs (``workers.redis_conn``).
 
+    ``signing``: the key, certificate and trusted certificates of signed messages (``workers.signing``);
+    off unless ``BATCHINFER_SIGNING_KEY``, ``_CERT`` and ``_CERTS`` are all set.
+
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
 
@@ -184,6 +188,7 @@ class Settings:
     metrics_ports: tuple[int, int] | None = None
     metrics_host: str = "0.0.0.0"
     redis_tls: RedisTLS = RedisTLS()
+    signing: Signing = Signing()
     # confinement (workers.confine)
     allowed_roots: Roots = ANYWHERE
     trusted_models: Roots = NOWHERE
@@ -217,6 +222,7 @@ class Settings:
             metrics_ports=_ports(env, "BATCHINFER_METRICS_PORT"),
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
             redis_tls=RedisTLS.from_env(env),
+            signing=Signing.from_env(env),
             allowed_roots=Roots.parse(env.get("BATCHINFER_ALLOWED_ROOTS"), "BATCHINFER_ALLOWED_ROOTS"),
             trusted_models=trusted_models(env.get("BATCHINFER_TRUST_MODELS")),
         ).checked()
