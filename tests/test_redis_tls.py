@@ -4,7 +4,6 @@ submit, a real worker, the Redis sink, status and collect."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import shutil
 import subprocess
@@ -14,52 +13,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.certs import certificates
 from tests.conftest import assert_one_line_error, batchinfer, free_port, start_probe_worker, stop_process, wait_until
 from tests.probe_model import make_images
-
-
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by that CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        (folder / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                               serialization.PrivateFormat.PKCS8,
-                                                               serialization.NoEncryption()))
-        (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("batchinfer test CA")).issuer_name(name("batchinfer test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    write("ca", ca_key, ca)
-    for stem, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                      ("client", [x509.DNSName("worker")])):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(stem)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        write(stem, key, cert)
-    return {stem: folder / f"{stem}.crt" for stem in ("ca", "server", "client")} | {"client_key": folder / "client.key"}
 
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """(rediss:// URL, the client's environment) of a redis-server that speaks only TLS."""
+    from cryptography import x509
+
     folder = tmp_path_factory.mktemp("tls")
-    certs = _certificates(folder)
+    loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    certs = certificates(folder, {"server": loopback, "client": [x509.DNSName("worker")]})
     port = free_port()
     proc = subprocess.Popen(
         [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port), "--bind",

@@ -1,4 +1,4 @@
-"""The Celery app: JSON-only messages, late acks, one task at a time per process.
+"""The Celery app: JSON-only (or signed) messages, late acks, one task at a time per process.
 
 Every setting can be overridden from the environment: ``BATCHINFER_CELERY_<SETTING>`` (value parsed
 as JSON when it parses, e.g. ``BATCHINFER_CELERY_WORKER_CONCURRENCY=2``), besides the
@@ -49,6 +49,8 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
     }
     if settings.broker_url.startswith("rediss://"):  # TLS: the CA, client certificate and checks (workers.redis_conn)
         config["broker_use_ssl"] = settings.redis_tls.celery()
+    if settings.signing.on:  # signed task and remote-control messages (workers.signing)
+        config.update(settings.signing.celery())
     for name, raw in env.items():
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             try:
@@ -56,6 +58,19 @@ def celery_config(settings: Settings, env: dict[str, str] | None = None) -> dict
             except json.JSONDecodeError:
                 value = raw
             config[name[len(ENV_PREFIX):].lower()] = value
+    if settings.signing.on:
+        settings.signing.check(config)
+    return config
+
+
+def _configuration() -> dict[str, object]:
+    """The app's configuration, read from the environment when first used. With signing on, the ``auth``
+    serializer is installed here, before any message can be sent or read: the worker's pool, its recovery
+    loop, a submit, Flower and ``celery inspect`` all read the configuration first."""
+    settings = Settings.from_env()
+    config = celery_config(settings)
+    if settings.signing.on:
+        settings.signing.install()
     return config
 
 
@@ -68,7 +83,7 @@ def broker_namespace(settings: Settings) -> dict[str, object]:
 app = Celery("batchinfer", include=["workers.tasks"])
 # A promise, read when the configuration is first used (a worker starting, a submit): importing the
 # package never reads the environment, so a bad variable is the command line's one-line error.
-app.add_defaults(lambda: celery_config(Settings.from_env()))
+app.add_defaults(_configuration)
 app.steps["worker"].add(recovery_step())
 
 

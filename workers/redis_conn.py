@@ -32,9 +32,9 @@ class RedisTLS:
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RedisTLS:
-        tls = cls(ca_certs=_file(env, "BATCHINFER_REDIS_SSL_CA_CERTS"),
-                  certfile=_file(env, "BATCHINFER_REDIS_SSL_CERTFILE"),
-                  keyfile=_file(env, "BATCHINFER_REDIS_SSL_KEYFILE"),
+        tls = cls(ca_certs=readable_file(env, "BATCHINFER_REDIS_SSL_CA_CERTS"),
+                  certfile=readable_file(env, "BATCHINFER_REDIS_SSL_CERTFILE"),
+                  keyfile=readable_file(env, "BATCHINFER_REDIS_SSL_KEYFILE"),
                   cert_reqs=(env.get("BATCHINFER_REDIS_SSL_CERT_REQS") or "required").strip().lower())
         if tls.cert_reqs not in CERT_REQS:
             raise ConfigError(f"BATCHINFER_REDIS_SSL_CERT_REQS must be one of {', '.join(CERT_REQS)}, "
@@ -57,7 +57,8 @@ class RedisTLS:
         return {**self.redis_kwargs(), "ssl_cert_reqs": CERT_REQS[self.cert_reqs]}
 
 
-def _file(env: dict[str, str], name: str) -> str | None:
+def readable_file(env: dict[str, str], name: str) -> str | None:
+    """The file the variable ``name`` names, None when unset, or ``ConfigError`` when it cannot be read."""
     path = (env.get(name) or "").strip()
     if not path:
         return None

@@ -15,6 +15,7 @@ from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
 from workers.keys import DEFAULT_NAMESPACE
 from workers.redis_conn import RedisTLS
+from workers.signing import Signing
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 REDIS_SCHEMES = ("redis", "rediss", "unix")  # what redis-py's from_url and kombu's Redis transport take
@@ -199,6 +200,9 @@ class Settings:
     ``batchinfer`` when unset; once set, the broker's keys move under ``{namespace}:broker:`` too (kombu's
     ``global_keyprefix``), so deployments sharing a Redis server are kept apart by ACL key patterns.
 
+    ``signing``: the key, certificate and trusted certificates of signed messages (``workers.signing``);
+    off unless ``BATCHINFER_SIGNING_KEY``, ``_CERT`` and ``_CERTS`` are all set.
+
     ``torch_compile`` (``BATCHINFER_TORCH_COMPILE=1``): on the torch backend, ``torch.compile`` the model's
     call (slower start, often faster batches on a GPU); the other backends always compile.
 
@@ -232,6 +236,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     redis_tls: RedisTLS = RedisTLS()
     namespace_set: str | None = None  # BATCHINFER_NAMESPACE as given (None: the default, broker keys unprefixed)
+    signing: Signing = Signing()
     # confinement (workers.confine)
     allowed_roots: Roots = ANYWHERE
     trusted_models: Roots = NOWHERE
@@ -267,6 +272,7 @@ class Settings:
             metrics_host=env.get("BATCHINFER_METRICS_HOST") or "0.0.0.0",
             redis_tls=RedisTLS.from_env(env),
             namespace_set=_namespace(env.get("BATCHINFER_NAMESPACE")),
+            signing=Signing.from_env(env),
             allowed_roots=Roots.parse(env.get("BATCHINFER_ALLOWED_ROOTS"), "BATCHINFER_ALLOWED_ROOTS"),
             trusted_models=trusted_models(env.get("BATCHINFER_TRUST_MODELS")),
         ).checked()
