@@ -196,3 +196,31 @@ def test_racing_attempts_never_regress_done(redis_url, redis_client):
         store.fail(job, i, h.token, "even later", retry_in=None)
     assert store.get_job(job).n_done == snap.n_done
     assert not [s for s in store.get_job(job, shards=True).shards.values() if s["state"] == RUNNING]
+
+
+def test_readers_never_write_and_workers_prune_the_indexes(redis_url, redis_client):
+    """``jobs`` and ``status`` only read (a read-only ACL user can run them); the workers' recovery drops
+    expired job ids from the jobs index and forgets workers unseen for a while."""
+    store = RedisJobStore.from_url(redis_url, retention=3600)
+    _job(store, "kept", shards=1)
+    _job(store, "expired", shards=1)
+    redis_client.delete(*KEYS.state_keys("expired"))  # as retention would
+    store.touch_worker("q", "old@host")
+    redis_client.zadd(KEYS.queue_workers("q"), {"old@host": 0})  # last seen long ago
+    size = redis_client.dbsize()
+    before = (redis_client.zrange(KEYS.jobs(), 0, -1), redis_client.zrange(KEYS.queue_workers("q"), 0, -1))
+    assert [j.job_id for j in store.recent_jobs(10)] == ["kept"]
+    assert store.live_workers("q", 30) == []
+    assert (redis_client.zrange(KEYS.jobs(), 0, -1), redis_client.zrange(KEYS.queue_workers("q"), 0, -1)) == before
+    assert redis_client.dbsize() == size
+    assert store.prune_jobs() == 1 and redis_client.zrange(KEYS.jobs(), 0, -1) == [b"kept"]
+    store.touch_worker("q", "new@host")
+    assert redis_client.zrange(KEYS.queue_workers("q"), 0, -1) == [b"new@host"]
+
+
+def test_a_namespace_keeps_deployments_apart(redis_url, redis_client):
+    ours, theirs = (RedisJobStore.from_url(redis_url, keys=Keys(ns)) for ns in ("teama", "teamb"))
+    _job(ours, "same-id", shards=2)
+    assert theirs.get_job("same-id") is None and theirs.recent_jobs() == []
+    assert redis_client.keys("teamb:*") == [] and redis_client.exists("teama:job:same-id")
+    assert not redis_client.keys("batchinfer:*")

@@ -123,12 +123,14 @@ def test_worker_metrics_count_the_job_images_errors_and_stages(metrics_worker, m
         120, "images counted while the job runs", interval=0.05)
     assert 0 < seen_during < total
     wait_until(lambda: finished(redis_url, job_id), 180, "the job")
+    shards = math.ceil(total / 4)
+    # the task shell counts a shard once its attempt returns, just after the job state says it is done
+    wait_until(lambda: delta("batchinfer_shards_total", state="done") == shards, 30, "the last shard counted")
 
     after = scrape(base + "/metrics")
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     assert d[("batchinfer_images_total", frozenset({("status", "ok")}))] == total - errors
     assert d[("batchinfer_images_total", frozenset({("status", "error")}))] == errors
-    shards = math.ceil(total / 4)
     assert d[("batchinfer_shards_total", frozenset({("state", "done")}))] == shards
     assert d[("batchinfer_shard_seconds_count", frozenset())] == shards
     batches = (total // 4) * 2 + math.ceil(total % 4 / 2)  # shards of 4, batches of 2

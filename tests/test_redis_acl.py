@@ -194,3 +194,35 @@ def test_a_namespace_that_is_a_pattern_is_refused(tmp_path, cli):
     assert result.returncode == 2 and "BATCHINFER_NAMESPACE" in result.stderr
     bad = cli("status", "x", env={"BATCHINFER_NAMESPACE": "team*"})
     assert bad.returncode == 2 and "BATCHINFER_NAMESPACE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_password_file_completes_urls_without_a_password(tmp_path):
+    from workers.errors import ConfigError
+    from workers.settings import Settings
+
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss/word\n")
+    settings = Settings.from_env({"BATCHINFER_BROKER_URL": "redis://worker@h:6379/0",
+                                  "BATCHINFER_REDIS_URL": "redis://sink:own@h2/1",
+                                  "BATCHINFER_REDIS_PASSWORD_FILE": str(secret)})
+    assert settings.broker_url == settings.state_url == "redis://worker:p%40ss%2Fword@h:6379/0"
+    assert settings.redis_sink_url == "redis://sink:own@h2/1", "a URL's own password wins"
+    assert redis.connection.parse_url(settings.broker_url)["password"] == "p@ss/word"
+    for bad, needle in ((tmp_path / "missing", "cannot read"), (tmp_path, "cannot read")):
+        with pytest.raises(ConfigError, match=needle):
+            Settings.from_env({"BATCHINFER_REDIS_PASSWORD_FILE": str(bad)})
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        Settings.from_env({"BATCHINFER_REDIS_PASSWORD_FILE": str(tmp_path / "empty")})
+
+
+def test_the_namespace_moves_the_broker_keys_only_when_set():
+    from workers.app import celery_config
+    from workers.settings import Settings
+
+    default = Settings.from_env({})
+    assert default.namespace == "batchinfer" and default.broker_prefix == ""
+    assert "global_keyprefix" not in celery_config(default, {})["broker_transport_options"]
+    team = Settings.from_env({"BATCHINFER_NAMESPACE": "teama"})
+    assert team.namespace == "teama"
+    assert celery_config(team, {})["broker_transport_options"]["global_keyprefix"] == "teama:broker:"
