@@ -67,8 +67,10 @@ def measure_submit(client: redis.Redis, url: str, folder: Path, n: int) -> dict:
 
 
 def measure_status(client: redis.Redis, url: str, shards: int) -> dict:
-    from workers import keys
+    from workers.keys import Keys
     from workers.redis_jobstore import RedisJobStore
+
+    keys = Keys()
 
     client.flushdb()
     store = RedisJobStore(client)
