@@ -38,7 +38,7 @@ def sink_setup(request, tmp_path):
 
 
 def _read(job_id: str, output: OutputSpec, settings: Settings, shard_id: int = 0) -> pa.Table:
-    import redis
+    from workers.sinks.redis import RedisRows
 
     store = MemoryJobStore()
     store.create_job(job_id, {"model": {"task": "features", "top_k": 5}, "output": output.__dict__})
@@ -47,8 +47,8 @@ def _read(job_id: str, output: OutputSpec, settings: Settings, shard_id: int = 0
     store.begin(job_id, shard_id, holder, 60, 1)
     store.finish(job_id, shard_id, holder.token, {"images": 0, "errors": 0})
     assert store.get_job(job_id).shards[shard_id]["state"] == DONE
-    client = redis.Redis.from_url(settings.redis_sink_url) if output.sink == "redis" else None
-    return pa.concat_tables(list(shard_tables(store.get_job(job_id), output, client)))
+    rows = RedisRows.from_settings(settings) if output.sink == "redis" else None
+    return pa.concat_tables(list(shard_tables(store.get_job(job_id), output, rows)))
 
 
 def test_sink_contract(sink_setup):
