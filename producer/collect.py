@@ -116,15 +116,13 @@ def shard_tables(job: JobState, output: OutputSpec, redis_rows: RedisRows | None
         def read(shard_id: int) -> pa.Table:
             return read_shard(shard_uri(output.path or "", shard_id), columns)
     else:
-        if redis_rows is None:
-            raise IncompleteJob(f"job {job.job_id}: its rows are in Redis, and no Redis sink was given")
-        reader = redis_rows
-        schema = reader.schema(job.job_id)  # once per job, not per shard
+        assert redis_rows is not None, "a Redis-sink job is read through a RedisRows"
+        schema = redis_rows.schema(job.job_id)  # once per job, not per shard
         if schema is None and done:
             raise IncompleteJob(f"job {job.job_id}: no output schema in Redis (rows expired or never written)")
 
         def read(shard_id: int) -> pa.Table:
-            rows = reader.shard(job.job_id, f"shard-{shard_id:06d}", schema)
+            rows = redis_rows.shard(job.job_id, f"shard-{shard_id:06d}", schema)
             return rows if columns is None else rows.select(columns)
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="collect-read")
     pending: deque[Future[pa.Table]] = deque()
