@@ -92,7 +92,7 @@ def _password_file(env: dict[str, str]) -> str | None:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
-            password = fh.read().removesuffix("\n")
+            password = fh.read().rstrip("\n")  # as the shell reads it (infra/redis/render-acl.sh)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"BATCHINFER_REDIS_PASSWORD_FILE: cannot read {path}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None

@@ -19,7 +19,8 @@ for user in admin producer worker reader flower; do
     echo "render-acl.sh: missing or empty $file (the $user user's password)" >&2
     exit 2
   fi
-  # the file's content without one trailing newline, hashed as Redis hashes `>password`
+  # the file's content without its trailing newlines (as BATCHINFER_REDIS_PASSWORD_FILE is read), hashed as
+  # Redis hashes `>password`
   hash=$(printf '%s' "$(cat "$file")" | sha256sum | cut -d' ' -f1)
   upper=$(echo "$user" | tr '[:lower:]' '[:upper:]')
   script="$script;s/@$upper@/$hash/"
