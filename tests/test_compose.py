@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ REDIS_CONF = ROOT / "infra" / "redis.conf"
 PROMETHEUS_CONF = ROOT / "infra" / "prometheus.yml"
 DOCKERFILES = sorted((ROOT / "infra").glob("Dockerfile*"))
 
-# `${REDIS_PASSWORD}`, optionally with a `:?message` / `-default`-style modifier.
-PASSWORD_VAR = re.compile(r"^\$\{REDIS_PASSWORD(?::?[?-][^}]*)?\}$")
-BROKER_URL = "redis://:${REDIS_PASSWORD}@redis:6379/0"
+REDIS_USERS = ("admin", "producer", "worker", "reader", "flower")  # infra/redis/users.acl.in
+# each client service's Redis user (README "Security": least-privilege Redis users)
+SERVICE_USERS = {"worker": "worker", "producer": "producer", "exporter": "reader", "flower": "flower"}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,14 @@ def services(compose) -> dict:
 
 
 def _argv(value) -> list[str]:
-    """A compose command/entrypoint (string or list) as a list of words."""
+    """A compose command/entrypoint (string or list) as a list of words; a `sh -c` script's words too."""
     if value is None:
         return []
-    return value.split() if isinstance(value, str) else [str(v) for v in value]
+    return shlex.split(value) if isinstance(value, str) else [w for v in value for w in shlex.split(str(v))]
+
+
+def _secrets(service: dict) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
 
 
 def _env(service: dict) -> dict[str, str]:
@@ -84,12 +89,11 @@ def test_redis_conf_persistence_and_noeviction(services):
     assert conf.get("appendfsync") == ["everysec"]
     assert conf.get("maxmemory-policy") == ["noeviction"]
     assert conf.get("dir") == ["/data"]
-    assert "requirepass" not in conf, "the password must come from the environment, not the file"
+    assert "requirepass" not in conf, "no password in the file: the users come from the ACL file"
 
     redis = services["redis"]
     argv = _argv(redis["command"])
-    assert argv[0] == "redis-server"
-    conf_path = argv[1]
+    conf_path = argv[argv.index("redis-server") + 1]
     mounts = [str(v).split(":") for v in redis["volumes"]]
     assert any((ROOT / src).resolve() == REDIS_CONF and dst == conf_path for src, dst, *_ in mounts), (
         f"infra/redis.conf must be mounted at {conf_path}"
@@ -97,22 +101,38 @@ def test_redis_conf_persistence_and_noeviction(services):
     assert any(dst == "/data" for _, dst, *_ in mounts)
 
 
-def test_redis_password_from_environment(services):
+def test_redis_loads_the_acl_file_rendered_from_secret_files(services, compose):
     redis = services["redis"]
-    argv = _argv(redis["command"])
-    assert "--requirepass" in argv
-    assert PASSWORD_VAR.match(argv[argv.index("--requirepass") + 1])
+    argv = _argv(redis.get("entrypoint")) + _argv(redis["command"])
+    assert "--requirepass" not in argv and "requirepass" not in " ".join(argv)
+    mounts = _mounts(redis)
+    render = next(w for w in argv if w.endswith("/render-acl.sh"))
+    src, opts = mounts[render.rsplit("/", 1)[0]]
+    assert (ROOT / src).resolve() == ROOT / "infra" / "redis" and opts == ["ro"]
+    acl = argv[argv.index(render) + 1]
+    assert argv[argv.index("--aclfile") + 1] == acl and acl.rsplit("/", 1)[0] in redis["tmpfs"], (
+        "the rendered file (hashes only) lives in a tmpfs, not in a volume")
+    assert _secrets(redis) == {f"redis_{user}_password" for user in REDIS_USERS}
+    assert str(redis["user"]).split(":")[0] == "999", "the image's redis user, not root"
     health = " ".join(_argv(redis["healthcheck"]["test"]))
-    assert "redis-cli" in health and "ping" in health and "REDIS_PASSWORD" in health
+    assert "redis-cli --user admin ping" in health and "/run/secrets/redis_admin_password" in health
+    assert "-a " not in health and "--pass" not in health, "the password is read by redis-cli from REDISCLI_AUTH"
+
+
+def test_secret_files_come_from_make_secrets(compose):
+    files = {name: spec["file"] for name, spec in compose["secrets"].items() if "file" in spec}
+    made = {f"redis_{user}_password" for user in REDIS_USERS} | {"flower_basic_auth"}
+    assert files == {name: f"./secrets/{name}" for name in made}
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
+    assert "secrets" in (ROOT / ".dockerignore").read_text().split()
 
 
 def test_no_literal_password_committed():
     for path in [COMPOSE, REDIS_CONF, PROMETHEUS_CONF, ROOT / ".dockerignore", *DOCKERFILES]:
         text = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
-        for secret in re.findall(r"redis://:([^@\s]*)@", text):
-            assert PASSWORD_VAR.match(secret), f"{path.name}: literal password in broker URL"
-        for secret in re.findall(r"requirepass[\s\"'=-]+(\$\{[^}]*\}|[^\s\"']+)", text):
-            assert PASSWORD_VAR.match(secret), f"{path.name}: literal requirepass {secret!r}"
+        assert not re.findall(r"rediss?://[^@\s/]*:[^@\s/]*@", text), f"{path.name}: a password in a Redis URL"
+        assert "requirepass" not in text and "--pass" not in text and "redis-cli -a" not in text, path.name
+        assert "REDIS_PASSWORD}" not in text and "BASIC_AUTH:" not in text, f"{path.name}: a secret from a variable"
 
 
 def test_worker_reserves_gpu_and_runs_celery(services):
@@ -177,14 +197,28 @@ def test_flower_exposes_5555(services):
         else:
             container_ports.add(str(port).split("/")[0].rsplit(":", 1)[-1])
     assert "5555" in container_ports
+    assert [str(p) for p in flower["ports"]] == ["127.0.0.1:5555:5555"]
     assert "--port=5555" in _argv(flower["command"])
 
 
-def test_broker_urls_use_password_variable(services):
-    assert _env(services["worker"])["BATCHINFER_BROKER_URL"] == BROKER_URL
-    assert _env(services["producer"])["BATCHINFER_BROKER_URL"] == BROKER_URL
-    assert _env(services["exporter"])["BATCHINFER_BROKER_URL"] == BROKER_URL
-    assert f"--broker={BROKER_URL}" in _argv(services["flower"]["command"])
+def test_flower_runs_this_app_behind_basic_auth_from_a_secret_file(services):
+    flower = services["flower"]
+    assert flower["image"] == services["producer"]["image"], "the CPU image: Flower with this app's settings"
+    argv = _argv(flower.get("entrypoint")) + _argv(flower["command"])
+    assert argv[argv.index("celery"):argv.index("celery") + 4] == ["celery", "-A", "workers", "flower"]
+    assert 'FLOWER_BASIC_AUTH=$$(cat /run/secrets/flower_basic_auth)' in argv
+    assert "flower_basic_auth" in _secrets(flower) and not any(w.startswith(("--broker", "--basic")) for w in argv)
+
+
+@pytest.mark.parametrize(("service", "user"), SERVICE_USERS.items())
+def test_each_service_is_its_own_redis_user_with_a_password_file(services, service, user):
+    env = _env(services[service])
+    assert env["BATCHINFER_BROKER_URL"] == f"redis://{user}@redis:6379/0"
+    assert env["BATCHINFER_REDIS_PASSWORD_FILE"] == f"/run/secrets/redis_{user}_password"
+    assert f"redis_{user}_password" in _secrets(services[service])
+    assert {s for s in _secrets(services[service]) if s.startswith("redis_")} == {f"redis_{user}_password"}, (
+        "a service holds its own password only")
+    assert env["BATCHINFER_NAMESPACE"] == services["redis"]["environment"]["BATCHINFER_NAMESPACE"]
 
 
 def test_named_volumes_declared(compose):
