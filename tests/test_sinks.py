@@ -114,3 +114,50 @@ def test_sink_knows_its_committed_shards(sink_setup, tmp_path):
         stale = tmp_path / "out" / ".shard-000003.parquet.abc123.tmp"
         stale.write_bytes(b"half a file")
         assert sink.committed(task, settings) == {"images": 3, "errors": 1} and not stale.exists()
+
+
+def test_the_redis_sink_keeps_its_connections_across_shards(redis_url, redis_client):
+    """A worker runs shard after shard: the Redis sink's commit check and writes reuse the process's connections
+    (a new one per shard would be a TLS handshake per shard with rediss://)."""
+    settings = Settings(broker_url=redis_url, state_url=redis_url, redis_sink_url=redis_url)
+    output, sink = OutputSpec(sink="redis"), sink_class("redis")
+    schema = output_schema("features", feature_dim=DIM)
+
+    def accepted() -> int:
+        return int(redis_client.info("stats")["total_connections_received"])
+
+    def run_shard(i: int) -> None:
+        task = ShardTask("jobc", i, ["/a/1.jpg"], ModelSpec(task="features"), output)
+        assert sink.committed(task, settings) is None
+        with open_sink(task, schema, settings) as open_:
+            open_.write(_batch(schema, ["/a/1.jpg"], 1.0))
+        assert sink.committed(task, settings) == {"images": 1, "errors": 0}
+
+    run_shard(0)
+    before = accepted()
+    for i in range(1, 9):
+        run_shard(i)
+    assert accepted() == before, "no new connection for shards 1 to 8"
+
+
+def test_the_redis_sinks_kept_connections_survive_a_redis_restart(tmp_path):
+    """The kept connections die with the server (kill -9, then started again on its data): the next shard
+    reconnects instead of failing."""
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        settings = Settings(broker_url=server.url, state_url=server.url, redis_sink_url=server.url)
+        output, sink = OutputSpec(sink="redis"), sink_class("redis")
+        schema = output_schema("features", feature_dim=DIM)
+        for i in range(3):
+            task = ShardTask("jobr", i, ["/a/1.jpg"], ModelSpec(task="features"), output)
+            assert sink.committed(task, settings) is None
+            with open_sink(task, schema, settings) as open_:
+                open_.write(_batch(schema, ["/a/1.jpg"], 1.0))
+            assert sink.committed(task, settings) == {"images": 1, "errors": 0}
+            if i == 0:
+                server.kill()
+                server.start()
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ server's certificate must verify; ``optional``; ``none`` turns verification off,
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from dataclasses import dataclass
@@ -74,3 +75,11 @@ def redis_client(url: str, tls: RedisTLS | None = None, **kwargs: Any) -> Any:
     if url.startswith(TLS_SCHEME):
         kwargs = {**(tls or RedisTLS()).redis_kwargs(), **kwargs}
     return redis.Redis.from_url(url, **kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def shared_client(url: str, tls: RedisTLS | None = None) -> Any:
+    """One client per URL for the life of the process, for what runs once per shard (the Redis sink): its pool
+    keeps the connections open instead of a new one, and with ``rediss://`` a TLS handshake, every shard.
+    redis-py's pool notices a fork and opens new connections in the child."""
+    return redis_client(url, tls)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from workers.keys import Keys
-from workers.redis_conn import redis_client
+from workers.redis_conn import redis_client, shared_client
 from workers.settings import Settings
 from workers.sinks.base import Sink
 
@@ -36,7 +36,7 @@ class RedisSink(Sink):
 
     def __init__(self, task: Any, schema: pa.Schema, settings: Settings | None = None) -> None:
         settings = settings or Settings.from_env()
-        self.client = redis_client(settings.redis_sink_url, settings.redis_tls)
+        self.client = shared_client(settings.redis_sink_url, settings.redis_tls)
         self.keys = Keys(settings.namespace)
         self.job_id = task.job_id
         self.shard = task.name
@@ -88,7 +88,7 @@ class RedisSink(Sink):
     @classmethod
     def committed(cls, task: Any, settings: Any) -> dict[str, int] | None:
         settings = settings or Settings.from_env()
-        client = redis_client(settings.redis_sink_url, settings.redis_tls)
+        client = shared_client(settings.redis_sink_url, settings.redis_tls)
         raw = client.hget(Keys(settings.namespace).committed(task.job_id), task.name)
         if raw is None:
             return None
