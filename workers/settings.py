@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from workers.confine import ANYWHERE, NOWHERE, Roots, trusted_models
 from workers.errors import ConfigError
 from workers.keys import DEFAULT_NAMESPACE
-from workers.redis_conn import RedisTLS
+from workers.redis_conn import RedisTLS, readable_file
 from workers.signing import Signing
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
@@ -87,8 +87,8 @@ def with_password(url: str, password: str | None) -> str:
 
 
 def _password_file(env: dict[str, str]) -> str | None:
-    path = (env.get("BATCHINFER_REDIS_PASSWORD_FILE") or "").strip()
-    if not path:
+    path = readable_file(env, "BATCHINFER_REDIS_PASSWORD_FILE")
+    if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
