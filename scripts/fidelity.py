@@ -11,7 +11,16 @@ reports how often top-1 agrees between:
     .venv/bin/python scripts/fidelity.py --choices
 
 compares instead each DCT-scaling factor and ``reducing_gap`` tried for ``fast`` (the README's table):
-top-1 agreement with the full decode, and decode milliseconds per camera-sized (1024x768) JPEG.
+top-1 agreement with the full decode, and decode milliseconds per camera-sized (1024x768) JPEG. The
+first row is the measurement's own noise floor: the full decode resized with the same filter in
+floating point (one rounding instead of two), which moves only labels that were a near tie.
+
+    .venv/bin/python scripts/fidelity.py --choices --photos DIR [--long-side 1024]
+
+runs the choices on a folder of photos instead (each rescaled to a long side of 1024 px and saved as a
+JPEG of quality 90), e.g. a clone of github.com/EliSchwartz/imagenet-sample-images (one ImageNet photo
+per class). Files named after their WordNet id (``n01440764_tench.JPEG``) also give each choice's top-1
+accuracy against the true class.
 """
 
 from __future__ import annotations
@@ -104,6 +113,41 @@ def measure(seeds: tuple[int, ...] = (0, 1)) -> dict[str, float | int]:
             "fast_vs_keras": float((fast == keras_mode).mean()), "full_vs_keras": float((full == keras_mode).mean())}
 
 
+def folder_set(folder: Path, long_side: int = 1024) -> tuple[list[bytes], list[int | None]]:
+    """Each photo of ``folder`` rescaled (Lanczos) to ``long_side`` and saved as a JPEG of quality 90, and
+    its ImageNet class index when its name starts with the class's WordNet id, else None."""
+    wnids = {wnid: i for i, wnid in enumerate(_wordnet_ids())}
+    data, truth = [], []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        img = Image.open(path).convert("RGB")
+        scale = long_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        data.append(buf.getvalue())
+        truth.append(wnids.get(path.name.split("_")[0]))
+    return data, truth
+
+
+def _wordnet_ids() -> list[str]:
+    from importlib import resources
+
+    index = json.loads(resources.files("workers.models").joinpath("imagenet_class_index.json").read_text())
+    return [index[str(i)][0] for i in range(len(index))]
+
+
+def float_reference(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The full decode resized with the same antialiased bilinear filter in floating point (Pillow mode
+    ``F``, channel by channel) and rounded once: the reference but for its intermediate rounding."""
+    from workers.decode import RESAMPLE, open_image, to_rgb
+
+    img = to_rgb(open_image(data))
+    height, width = size
+    channels = [np.asarray(c.convert("F").resize((width, height), RESAMPLE)) for c in img.split()]
+    return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+
+
 # (draft factor, reducing_gap) pairs compared by --choices; None: the full decode itself (the reference)
 CHOICES: list[tuple[float | None, float | None]] = [
     (None, None), (4.0, None), (4.0, 3.0), (4.0, 2.0), (3.0, None), (2.5, None), (2.0, None), (1.5, None),
@@ -121,15 +165,23 @@ def camera_jpegs(count: int = 64, size: tuple[int, int] = (1024, 768)) -> list[b
     return out
 
 
-def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7) -> list[dict[str, float | None]]:
-    """Each of ``CHOICES``: top-1 agreement with the full decode, and the median over ``rounds`` of the
-    milliseconds one thread takes per 1024x768 JPEG (the choices interleaved, so a busy machine slows
-    them alike)."""
+def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7, photos: Path | None = None,
+                    long_side: int = 1024) -> list[dict[str, float | None]]:
+    """Each of ``CHOICES``: top-1 agreement with the full decode (and accuracy, for photos of known
+    class), and the median over ``rounds`` of the milliseconds one thread takes per 1024x768 JPEG (the
+    choices interleaved, so a busy machine slows them alike). The photos are the wheels' set, or those of
+    the folder ``photos`` (``folder_set``). A first row, ``float reference``, is the noise floor."""
     from workers.decode import decode_fast
     from workers.models.efficientnet_lite import EfficientNetLite0, preprocess_input
 
     model = EfficientNetLite0(weights="imagenet")
-    images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
+    if photos is None:
+        images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
+        truth: list[int | None] = [None] * len(images)
+    else:
+        images, truth = folder_set(photos, long_side)
+    known = np.array([t is not None for t in truth])
+    labels = np.array([-1 if t is None else t for t in truth])
     size = (224, 224)
 
     def decoder(factor: float | None, gap: float | None) -> Callable[[bytes], np.ndarray]:
@@ -137,13 +189,22 @@ def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7) -> list[di
             return lambda data: decode_fast(data, size, dct_scaling=False).array
         return lambda data: decode_fast(data, size, draft_factor=factor, reducing_gap=gap).array
 
+    def row(name: dict[str, float | None], predicted: np.ndarray) -> dict[str, float | None]:
+        out = {**name, "agreement": round(float((predicted == full).mean()), 4),
+               "disagree": int((predicted != full).sum()), "images": len(images)}
+        if known.any():
+            out["accuracy"] = round(float((predicted[known] == labels[known]).mean()), 4)
+        return out
+
     full = top1(model, preprocess_input, [decoder(None, None)(d) for d in images])
+    floor = row({"draft_factor": None, "reducing_gap": None, "float_reference": True},
+                top1(model, preprocess_input, [float_reference(d, size) for d in images]))
+    print(json.dumps(floor))
     camera = camera_jpegs()
     rows: list[dict[str, float | None]] = []
     for factor, gap in CHOICES:
-        fast = top1(model, preprocess_input, [decoder(factor, gap)(d) for d in images])
-        rows.append({"draft_factor": factor, "reducing_gap": gap, "agreement": round(float((fast == full).mean()), 4),
-                     "disagree": int((fast != full).sum()), "images": len(images)})
+        rows.append(row({"draft_factor": factor, "reducing_gap": gap},
+                        top1(model, preprocess_input, [decoder(factor, gap)(d) for d in images])))
     times: list[list[float]] = [[] for _ in CHOICES]
     for _ in range(rounds):
         for i, (factor, gap) in enumerate(CHOICES):
@@ -152,16 +213,21 @@ def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7) -> list[di
             for data in camera:
                 decode(data)
             times[i].append((time.perf_counter() - start) * 1000 / len(camera))
-    for row, ms in zip(rows, times):
-        row["ms_per_1024x768"] = round(statistics.median(ms), 2)
-        print(json.dumps(row))
-    return rows
+    for result, ms in zip(rows, times):
+        result["ms_per_1024x768"] = round(statistics.median(ms), 2)
+        print(json.dumps(result))
+    return [floor, *rows]
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--choices", action="store_true", help="compare the DCT-scaling and reducing_gap choices")
-    if ap.parse_args().choices:
-        measure_choices()
+    ap.add_argument("--photos", type=Path, help="with --choices: a folder of photos instead of the wheels' set")
+    ap.add_argument("--long-side", type=int, default=1024, help="the long side --photos are rescaled to")
+    args = ap.parse_args()
+    if args.photos is not None and not (args.choices and args.photos.is_dir()):
+        ap.error(f"--photos {args.photos}: {'not a folder' if args.choices else 'goes with --choices'}")
+    if args.choices:
+        measure_choices(photos=args.photos, long_side=args.long_side)
     else:
         print(json.dumps(measure()))

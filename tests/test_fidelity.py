@@ -4,6 +4,7 @@ full-resolution decode resized with the same filter on at least 99 % of real pho
 from __future__ import annotations
 
 import importlib.util
+import io
 
 from tests.conftest import ROOT
 
@@ -23,3 +24,28 @@ def test_fast_decode_top1_agrees_with_full_decode():
     # keras mode (nearest-neighbour resize) is a different, aliased view: it must disagree sometimes,
     # which shows the comparison is sensitive to how pixels are resampled
     assert result["fast_vs_keras"] < result["fast_vs_full"], result
+
+
+def test_float_reference_differs_from_the_full_decode_by_rounding_only():
+    from workers.decode import decode_fast
+
+    fidelity = _fidelity()
+    for jpeg in fidelity.photo_set(0)[:10]:
+        full = decode_fast(jpeg, (224, 224), dct_scaling=False).array.astype(int)
+        floating = fidelity.float_reference(jpeg, (224, 224)).astype(int)
+        assert floating.shape == full.shape == (224, 224, 3)
+        assert abs(floating - full).max() <= 2, "the same filter: only the intermediate rounding differs"
+        assert (floating != full).any(), "one rounding instead of two changes some pixels"
+
+
+def test_folder_set_rescales_photos_and_reads_their_class_from_the_wordnet_id(tmp_path):
+    from PIL import Image
+
+    photo = Image.open(ROOT / "tests" / "data" / "photos" / "cat.jpg").convert("RGB")
+    photo.save(tmp_path / "n02123045_tabby.JPEG")  # class 281 of the ImageNet index
+    photo.resize((300, 200)).save(tmp_path / "my_cat.png")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    data, truth = _fidelity().folder_set(tmp_path, long_side=1024)
+    assert truth == [None, 281]  # my_cat.png, n02123045_tabby.JPEG: sorted by name
+    sizes = [Image.open(io.BytesIO(d)) for d in data]
+    assert all(img.format == "JPEG" and max(img.size) == 1024 for img in sizes)
