@@ -137,6 +137,15 @@ def folder_set(folder: Path, long_side: int = 1024) -> tuple[list[bytes], list[i
     return data, truth
 
 
+def photos_and_classes(photos: Path | None, long_side: int,
+                       seeds: tuple[int, ...]) -> tuple[list[bytes], list[int | None]]:
+    """The wheels' photo set (classes unknown), or ``folder_set(photos, long_side)``."""
+    if photos is None:
+        images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
+        return images, [None] * len(images)
+    return folder_set(photos, long_side)
+
+
 def _wordnet_ids() -> list[str]:
     from importlib import resources
 
@@ -207,11 +216,7 @@ def measure_gpu_decode(photos: Path | None = None, long_side: int = 1024, seeds:
     from workers.models.efficientnet_lite import EfficientNetLite0, preprocess_input
 
     check_available(device)  # before the photos are made
-    if photos is None:
-        images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
-        truth: list[int | None] = [None] * len(images)
-    else:
-        images, truth = folder_set(photos, long_side)
+    images, truth = photos_and_classes(photos, long_side, seeds)
     decoded, on_device = gpu_decoded(images, device=device)
     model = EfficientNetLite0(weights="imagenet")
     return compare_decodes(images, truth, decoded, on_device, lambda arrays: top1(model, preprocess_input, arrays))
@@ -244,11 +249,7 @@ def measure_choices(seeds: tuple[int, ...] = (0, 1), rounds: int = 7, photos: Pa
     from workers.models.efficientnet_lite import EfficientNetLite0, preprocess_input
 
     model = EfficientNetLite0(weights="imagenet")
-    if photos is None:
-        images = [jpeg for seed in seeds for jpeg in photo_set(seed)]
-        truth: list[int | None] = [None] * len(images)
-    else:
-        images, truth = folder_set(photos, long_side)
+    images, truth = photos_and_classes(photos, long_side, seeds)
     known = np.array([t is not None for t in truth])
     labels = np.array([-1 if t is None else t for t in truth])
     size = (224, 224)
