@@ -120,23 +120,14 @@ def test_the_redis_sink_keeps_its_connections_across_shards(redis_url, redis_cli
     """A worker runs shard after shard: the Redis sink's commit check and writes reuse the process's connections
     (a new one per shard would be a TLS handshake per shard with rediss://)."""
     settings = Settings(broker_url=redis_url, state_url=redis_url, redis_sink_url=redis_url)
-    output, sink = OutputSpec(sink="redis"), sink_class("redis")
-    schema = output_schema("features", feature_dim=DIM)
 
     def accepted() -> int:
         return int(redis_client.info("stats")["total_connections_received"])
 
-    def run_shard(i: int) -> None:
-        task = ShardTask("jobc", i, ["/a/1.jpg"], ModelSpec(task="features"), output)
-        assert sink.committed(task, settings) is None
-        with open_sink(task, schema, settings) as open_:
-            open_.write(_batch(schema, ["/a/1.jpg"], 1.0))
-        assert sink.committed(task, settings) == {"images": 1, "errors": 0}
-
-    run_shard(0)
+    _redis_shard(settings, "jobc", 0)
     before = accepted()
     for i in range(1, 9):
-        run_shard(i)
+        _redis_shard(settings, "jobc", i)
     assert accepted() == before, "no new connection for shards 1 to 8"
 
 
@@ -148,16 +139,21 @@ def test_the_redis_sinks_kept_connections_survive_a_redis_restart(tmp_path):
     server = RedisServer(tmp_path).start()
     try:
         settings = Settings(broker_url=server.url, state_url=server.url, redis_sink_url=server.url)
-        output, sink = OutputSpec(sink="redis"), sink_class("redis")
-        schema = output_schema("features", feature_dim=DIM)
         for i in range(3):
-            task = ShardTask("jobr", i, ["/a/1.jpg"], ModelSpec(task="features"), output)
-            assert sink.committed(task, settings) is None
-            with open_sink(task, schema, settings) as open_:
-                open_.write(_batch(schema, ["/a/1.jpg"], 1.0))
-            assert sink.committed(task, settings) == {"images": 1, "errors": 0}
+            _redis_shard(settings, "jobr", i)
             if i == 0:
                 server.kill()
                 server.start()
     finally:
         server.stop()
+
+
+def _redis_shard(settings: Settings, job_id: str, shard_id: int) -> None:
+    """One shard of one image through the Redis sink as a worker runs it: not committed, written, committed."""
+    output, sink = OutputSpec(sink="redis"), sink_class("redis")
+    schema = output_schema("features", feature_dim=DIM)
+    task = ShardTask(job_id, shard_id, ["/a/1.jpg"], ModelSpec(task="features"), output)
+    assert sink.committed(task, settings) is None
+    with open_sink(task, schema, settings) as open_:
+        open_.write(_batch(schema, ["/a/1.jpg"], 1.0))
+    assert sink.committed(task, settings) == {"images": 1, "errors": 0}

@@ -12,10 +12,10 @@ dir=${1:-secrets}
 mkdir -p "$dir"
 chmod 0700 "$dir"
 random() { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; }
+# write_once FILE CONTENT: a complete file or none (temporary name, then rename); an existing one is kept
+write_once() { [ -s "$1" ] || { printf '%s' "$2" > "$1.tmp" && chmod 0644 "$1.tmp" && mv "$1.tmp" "$1"; }; }
 for user in admin producer worker reader flower; do
-  file="$dir/redis_${user}_password"
-  [ -s "$file" ] || { random > "$file.tmp" && chmod 0644 "$file.tmp" && mv "$file.tmp" "$file"; }
+  write_once "$dir/redis_${user}_password" "$(random)"
 done
-file="$dir/flower_basic_auth"
-[ -s "$file" ] || { printf 'admin:%s' "$(random)" > "$file.tmp" && chmod 0644 "$file.tmp" && mv "$file.tmp" "$file"; }
+write_once "$dir/flower_basic_auth" "admin:$(random)"
 echo "secrets in $dir (Flower: $(cut -d: -f1 "$dir/flower_basic_auth") and the password in $dir/flower_basic_auth)"
