@@ -38,3 +38,26 @@ def test_bench_smoke_rows_have_every_field():
         assert gpu["end_to_end_images_per_s"] is None
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(rows) and "model alone" in table[0]
+
+
+def test_decode_costs_times_every_installed_step(tmp_path):
+    """``scripts/decode_costs.py``: a row per choice, Pillow's always timed, a library that is missing
+    named as such; the whole shipped decode costs more than its decode step alone."""
+    result = subprocess.run(
+        [sys.executable, "scripts/decode_costs.py", "--images", "4", "--rounds", "3", "--size", "320x240",
+         "--folder", str(tmp_path / "jpegs")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r["step"], r["choice"]): r for r in map(json.loads, result.stdout.splitlines())}
+    assert {step for step, _ in rows} == {"decode", "resize", "whole"}
+    for row in rows.values():
+        assert (row["ms"] is not None and row["ms"] > 0) or row["status"] == "not installed", row
+    assert rows[("whole", "decode_fast (shipped)")]["ms"] > rows[("decode", "Pillow (shipped)")]["ms"]
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 4
+
+
+def test_decode_costs_bad_size_is_one_line():
+    result = subprocess.run([sys.executable, "scripts/decode_costs.py", "--size", "big"],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--size big: expected WIDTHxHEIGHT" in result.stderr
+    assert "Traceback" not in result.stderr
