@@ -31,7 +31,8 @@ from workers.errors import ConfigError, SourceError
 from workers.feed import load as _load
 from workers.settings import Settings
 from workers.storage import storage_for
-from workers.storage.http import HttpStorage, client
+from workers.storage.http import HttpStorage
+from workers.storage.http_client import client
 
 # a 1 s timeout so /slow (3 s) times out; 2 retries; a size limit above the photos' (281,070 bytes at most)
 # and below /big's (1,000,000)

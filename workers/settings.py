@@ -186,7 +186,7 @@ class Settings:
     seconds (at most ``retry_backoff_max``, +-25 % jitter); an attempt running past ``shard_time_limit``
     seconds is failed like a crash; a finished job's state is kept ``retention`` seconds.
 
-    The http(s) settings (``workers.storage.http``): ``http_timeout`` seconds to connect and between bytes
+    The http(s) settings (``workers.storage.http*``): ``http_timeout`` seconds to connect and between bytes
     received (also the longest wait between retries), ``http_retries`` retries of a request that failed
     to connect, timed out or got 429/5xx, at most ``http_max_redirects`` redirects, and responses larger
     than ``http_max_bytes`` are refused.
