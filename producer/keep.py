@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from producer.sources import manifest_columns, manifest_name, source_kind
+from producer.manifests import manifest_columns, manifest_name
+from producer.sources import source_kind
 from workers.contract import ModelSpec
 from workers.errors import ConfigError
 

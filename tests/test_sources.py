@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 import producer.sources as sources_mod
+from producer.manifests import read_manifest, read_manifest_rows
 from producer.shards import shards
-from producer.sources import (
-    Filters,
-    check_sources,
-    is_image_name,
-    iter_uris,
-    read_manifest,
-    read_manifest_rows,
-    walk_folder,
-)
+from producer.sources import Filters, check_sources, is_image_name, iter_uris, walk_folder
 from workers.errors import SourceError
 
 IMAGE_NAMES = ["A.JPG", "b.Jpeg", "c.png", "d.BMP", "e.gif", "f.WebP", "g.tif", "h.TIFF"]

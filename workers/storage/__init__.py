@@ -24,11 +24,22 @@ BACKENDS = {
     "http": "workers.storage.http:HttpStorage",
     "https": "workers.storage.http:HttpStorage",
 }
+WEB_SCHEMES = ("http", "https")
 
 
 def scheme_of(uri: str) -> str:
     head, sep, _ = uri.partition("://")
     return head.lower() if sep else "file"
+
+
+def is_remote(uri: str) -> bool:
+    """An object-store or web URI (``s3://…``, ``https://…``) rather than a local path or ``file://`` URI."""
+    return scheme_of(uri) != "file"
+
+
+def is_web(uri: str) -> bool:
+    """An ``http://`` or ``https://`` URL."""
+    return scheme_of(uri) in WEB_SCHEMES
 
 
 @cache
