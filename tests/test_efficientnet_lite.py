@@ -246,7 +246,7 @@ def test_without_the_checkpoint_package_imagenet_is_a_config_error(tmp_path: Pat
 def test_the_metadata_names_the_converted_checkpoint(keras_home: Path) -> None:
     """Its ImageNet weights are not a Keras release's download: the fingerprint says where they came from."""
     from workers.contract import ModelSpec, file_fingerprint
-    from workers.models.loader import load_model
+    from workers.models.build import load_model
     from workers.models.registry import get_architecture
 
     arch = get_architecture("EfficientNetLite0")

@@ -215,7 +215,7 @@ def test_the_worker_names_the_architecture_too(notop_weights):
     """The same check where the weights are loaded (a worker may have another file at that path)."""
     from workers.contract import ModelSpec
     from workers.errors import ConfigError
-    from workers.models.loader import load_model
+    from workers.models.build import load_model
     from workers.models.registry import get_architecture
 
     arch = get_architecture("ResNet50")
