@@ -240,6 +240,6 @@ def check_args(args: argparse.Namespace) -> None:
     if endpoint is not None:
         if not endpoint.startswith(("http://", "https://")):
             raise ConfigError(f"--s3-endpoint-url must be an http:// or https:// URL, got {endpoint!r}")
-        from workers.storage.s3 import ENDPOINT_ENV
+        from workers.storage.s3_client import ENDPOINT_ENV
 
         os.environ[ENDPOINT_ENV] = endpoint  # read by the S3 client of this process, when it is made

@@ -139,7 +139,7 @@ def s3(s3_endpoint: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Ser
     import os
 
     import workers.storage
-    from workers.storage.s3 import ENDPOINT_ENV
+    from workers.storage.s3_client import ENDPOINT_ENV
 
     for name in list(os.environ):
         if name.startswith("AWS_") or name == ENDPOINT_ENV:

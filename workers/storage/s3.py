@@ -1,15 +1,7 @@
 """S3 storage: ``s3://bucket/key`` through boto3, on AWS or any S3-compatible endpoint (MinIO, Ceph).
 
-- **One client per process**, made on first use (so after the Celery pool forks, never at import) and
-  shared by the pipeline's I/O threads: boto3 clients are thread-safe, and the connection pool is sized
-  for ``BATCHINFER_IO_THREADS`` concurrent GETs.
-- **Endpoint**: ``BATCHINFER_S3_ENDPOINT_URL`` (what ``--s3-endpoint-url`` sets), else boto3's own
-  ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; a custom endpoint gets path-style addressing.
-- **Credentials and region** come only from boto3's standard chain (environment, ``~/.aws`` files,
-  instance and container roles); nothing here takes a secret.
-- **Retries** happen inside botocore: mode ``AWS_RETRY_MODE`` (default ``adaptive``: it also slows down
-  after throttling), ``AWS_MAX_ATTEMPTS`` attempts (default 5). They cover throttling (``SlowDown``),
-  5xx answers and connection resets. A body cut off mid-download is read again here.
+The client (one per process, its endpoint, credentials from boto3's chain, botocore's retries) and the
+error mapping are ``workers.storage.s3_client``'s. A body cut off mid-download is read again here.
 
 Errors are converted at this boundary, so the pipeline never sees botocore. Per object: a missing key
 raises ``FileNotFoundError`` and access denied ``PermissionError`` (that image's error row). Everything
@@ -20,92 +12,17 @@ unreachable after retries) raises ``ShardError``: the shard is retried, then mar
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from workers.errors import ConfigError, ShardError
 from workers.storage.base import FileInfo, PendingFile
+from workers.storage.s3_client import DENIED, convert, make_client, split_uri
 
-ENDPOINT_ENV = "BATCHINFER_S3_ENDPOINT_URL"
-DEFAULT_RETRY_MODE = "adaptive"
-DEFAULT_MAX_ATTEMPTS = 5
 _READS = 3  # tries of one GET whose body breaks off mid-stream (botocore retries only the request)
-
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
-_ARCHIVED = {"InvalidObjectState"}  # Glacier / Deep Archive: restore the object first
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``."""
-    _, sep, rest = uri.partition("://")
-    bucket, _, key = rest.partition("/")
-    if not sep or not bucket:
-        raise ConfigError(f"{uri}: an S3 URI is s3://BUCKET/KEY")
-    return bucket, key
-
-
-def endpoint_url(env: dict[str, str] | None = None) -> str | None:
-    """The custom endpoint in force, if any (ours first, then the variables boto3 reads itself)."""
-    values: Mapping[str, str] = os.environ if env is None else env
-    return values.get(ENDPOINT_ENV) or values.get("AWS_ENDPOINT_URL_S3") or values.get("AWS_ENDPOINT_URL") or None
-
-
-def make_client() -> Any:
-    """A new boto3 S3 client configured from the environment (see the module docstring)."""
-    try:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError
-    except ImportError as exc:
-        raise ConfigError(f"s3:// needs boto3 ({exc}): pip install boto3") from exc
-    from workers.settings import Settings
-
-    raw_attempts = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_MAX_ATTEMPTS)
-    try:
-        attempts = int(raw_attempts)
-    except ValueError:
-        raise ConfigError(f"AWS_MAX_ATTEMPTS must be an integer, got {raw_attempts!r}") from None
-    custom = endpoint_url()
-    config = Config(
-        retries={"mode": os.environ.get("AWS_RETRY_MODE") or DEFAULT_RETRY_MODE, "max_attempts": attempts},
-        max_pool_connections=max(10, Settings.from_env().io_threads + 2),
-        connect_timeout=10,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if custom else None,  # MinIO and Ceph rarely have per-bucket DNS names
-    )
-    try:
-        # A session of its own: boto3's default session is not thread-safe, the client is.
-        return boto3.session.Session().client("s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None,
-                                              config=config)
-    except (BotoCoreError, ValueError) as exc:
-        raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
-
-
-def _convert(exc: Exception, uri: str, action: str, per_object: bool = True) -> Exception:
-    """A botocore exception as this package's: see the module docstring."""
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):  # BotoCoreError: unreachable endpoint, no credentials, timeouts
-        return ShardError(f"cannot {action} {uri}: {exc}")
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    if code == "NoSuchBucket":  # retrying will not create it: fail the shard at once
-        return ConfigError(f"cannot {action} {uri}: bucket {split_uri(uri)[0]!r} does not exist (NoSuchBucket)")
-    if per_object and code in _NOT_FOUND:
-        return FileNotFoundError(errno.ENOENT, "not found", uri)
-    if per_object and code in _DENIED:
-        return PermissionError(errno.EACCES, "access denied", uri)
-    if per_object and code in _ARCHIVED:
-        return OSError(errno.EIO, "archived object (restore it first)", uri)
-    if code in _DENIED:
-        return ShardError(f"cannot {action} {uri}: access denied ({code})")
-    message = error.get("Message") or str(exc)
-    return ShardError(f"cannot {action} {uri}: {code}: {message}")
 
 
 class S3Upload(PendingFile):
@@ -127,11 +44,11 @@ class S3Upload(PendingFile):
         try:
             self.storage.client.upload_file(self.path, self.bucket, self.key)
         except (ClientError, BotoCoreError) as exc:
-            raise _convert(exc, self.uri, "write", per_object=False) from exc
+            raise convert(exc, self.uri, "write", per_object=False) from exc
         except S3UploadFailedError as exc:  # boto3 wraps the ClientError of a PUT in this
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ClientError | BotoCoreError):
-                raise _convert(cause, self.uri, "write", per_object=False) from exc
+                raise convert(cause, self.uri, "write", per_object=False) from exc
             raise ShardError(f"cannot write {self.uri}: {exc}") from exc
         finally:
             self.discard()
@@ -182,7 +99,7 @@ class MultipartUpload(io.RawIOBase):
         try:
             return fn(Bucket=self.bucket, Key=self.key, **kwargs)
         except (ClientError, BotoCoreError) as exc:
-            raise _convert(exc, self.uri, action, per_object=False) from exc
+            raise convert(exc, self.uri, action, per_object=False) from exc
 
     def _send(self, part: bytes) -> None:
         client = self.storage.client
@@ -266,9 +183,9 @@ class S3Storage:
                     body.close()
             except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as exc:
                 if attempt == _READS:
-                    raise _convert(exc, uri, "read") from exc
+                    raise convert(exc, uri, "read") from exc
             except (ClientError, BotoCoreError) as exc:
-                raise _convert(exc, uri, "read") from exc
+                raise convert(exc, uri, "read") from exc
         raise AssertionError("unreachable")
 
     def open_read(self, uri: str) -> Any:
@@ -279,7 +196,7 @@ class S3Storage:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"]
         except (ClientError, BotoCoreError) as exc:
-            raise _convert(exc, uri, "read") from exc
+            raise convert(exc, uri, "read") from exc
 
     def list(self, prefix: str) -> Iterator[str]:
         """URIs of every object under ``prefix`` in key order, one listing page (1000 keys) at a time."""
@@ -296,7 +213,7 @@ class S3Storage:
                 for obj in page.get("Contents", ()):
                     yield f"s3://{bucket}/{obj['Key']}", _info(obj["Size"], obj["LastModified"], obj.get("ETag"))
         except (ClientError, BotoCoreError) as exc:
-            raise _convert(exc, prefix, "list", per_object=False) from exc
+            raise convert(exc, prefix, "list", per_object=False) from exc
 
     def stat(self, uri: str) -> FileInfo | None:
         """One HEAD request; None when the object cannot be seen."""
@@ -316,12 +233,12 @@ class S3Storage:
         try:
             self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            converted = _convert(exc, uri, "check")
+            converted = convert(exc, uri, "check")
             if isinstance(converted, FileNotFoundError):
                 return False
             raise converted from exc
         except BotoCoreError as exc:
-            raise _convert(exc, uri, "check") from exc
+            raise convert(exc, uri, "check") from exc
         return True
 
     def check_writable(self, uri: str, folder: bool) -> None:
@@ -340,11 +257,11 @@ class S3Storage:
             self.client.abort_multipart_upload(Bucket=bucket, Key=probe, UploadId=upload["UploadId"])
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _DENIED:
+            if code in DENIED:
                 raise ConfigError(f"cannot write to {uri}: access denied ({code})") from exc
-            raise _convert(exc, uri, "write to", per_object=False) from exc
+            raise convert(exc, uri, "write to", per_object=False) from exc
         except BotoCoreError as exc:
-            raise _convert(exc, uri, "write to", per_object=False) from exc
+            raise convert(exc, uri, "write to", per_object=False) from exc
 
     def open_stream(self, uri: str) -> MultipartUpload:
         """A binary file whose bytes go up in parts as they fill (multipart upload); the object appears
