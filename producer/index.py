@@ -31,7 +31,7 @@ from producer.incremental import previous_files
 from workers.errors import ConfigError, SourceError
 from workers.schema import feature_column_names, output_schema, read_job_metadata
 from workers.search.plan import DEFAULT_BUDGET, choose, chunk_rows, format_size
-from workers.storage import scheme_of, storage_for
+from workers.storage import is_remote, storage_for
 
 SAME_MODEL = ("model", "model_path", "weights", "weights_fingerprint", "task", "layers", "pooling", "input_size",
               "preprocess", "precision")
@@ -120,7 +120,7 @@ def open_features(path: str, column: str | None, workdir: str) -> Features:
 
 
 def _local_copy(uri: str, workdir: str, number: int) -> str:
-    if scheme_of(uri) == "file":
+    if not is_remote(uri):
         return uri[len("file://"):] if uri.startswith("file://") else uri
     local = os.path.join(workdir, f"{number:06d}.parquet")
     with storage_for(uri).open_read(uri) as src, open(local, "wb") as dst:

@@ -24,7 +24,7 @@ from workers.pipeline import ShardResult, process_shard
 from workers.settings import Settings
 from workers.sinks import sink_class
 from workers.spool import STATE, read_shard_list
-from workers.storage import scheme_of
+from workers.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _check_output(task: ShardTask) -> None:
     try:
         sink_class(task.output.sink).check(task.output)
     except ConfigError as exc:
-        if task.output.path and scheme_of(task.output.path) == "file":
+        if task.output.path and not is_remote(task.output.path):
             raise ShardError(str(exc)) from exc
         raise
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from workers.errors import ConfigError
-from workers.storage import scheme_of
+from workers.storage import is_remote, scheme_of
 from workers.storage.local import to_path
 
 OUTSIDE = "outside BATCHINFER_ALLOWED_ROOTS"
@@ -91,7 +91,7 @@ class Roots:
 
     def extended(self, *uris: str | None) -> Roots:
         """These roots and the places ``uris`` name (the operator's own settings, such as the spool)."""
-        more = ",".join(os.path.abspath(u) if scheme_of(u) == "file" else u for u in uris if u)
+        more = ",".join(os.path.abspath(u) if not is_remote(u) else u for u in uris if u)
         if self.anywhere or not more:
             return self
         added = Roots.parse(more, "BATCHINFER_SPOOL")

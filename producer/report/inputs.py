@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from producer.collect import EXTENSIONS
 from workers.errors import ConfigError, SourceError
 from workers.schema import read_job_metadata, read_job_record
-from workers.storage import scheme_of, storage_for
+from workers.storage import is_remote, storage_for
 
 CHUNK_ROWS = 65_536
 CHUNK_BYTES = 32 << 20  # of feature vectors a chunk: 6,553 rows of 1280 floats
@@ -74,7 +74,7 @@ def open_source(source: str, broker: str | None = None) -> Iterator[Source]:
     with tempfile.TemporaryDirectory(prefix="batchinfer-report-") as workdir:
         local = source[len("file://"):] if source.startswith("file://") else source
         try:
-            if scheme_of(source) != "file" or os.path.exists(local):
+            if is_remote(source) or os.path.exists(local):
                 opened = _output_source(source, local, workdir)
             elif looks_like_path(source):
                 raise SourceError(f"{source}: no such file or folder")
@@ -147,11 +147,11 @@ def _job_schema(job_id: str, output: Any, done: list[int], rows: Any) -> pa.Sche
 def _output_source(source: str, local: str, workdir: str) -> Source:
     storage = storage_for(source)
     ext = os.path.splitext(source.rstrip("/"))[1].lower()
-    is_file = os.path.isfile(local) if scheme_of(source) == "file" else (bool(ext) and storage.exists(source))
+    is_file = os.path.isfile(local) if not is_remote(source) else (bool(ext) and storage.exists(source))
     if not is_file:
         return _folder_source(source)
     fmt = EXTENSIONS.get(ext, "parquet")
-    if scheme_of(source) != "file":  # Parquet reads need seeks: one local copy, not the whole file in memory
+    if is_remote(source):  # Parquet reads need seeks: one local copy, not the whole file in memory
         local = os.path.join(workdir, "source" + ext)
         with storage.open_read(source) as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)

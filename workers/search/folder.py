@@ -20,7 +20,7 @@ from typing import Any
 
 from workers.contract import ModelSpec
 from workers.errors import ConfigError
-from workers.storage import scheme_of, storage_for
+from workers.storage import is_remote, storage_for
 
 INDEX_VERSION = 1
 INFO, IDS = "index.json", "ids.parquet"
@@ -61,17 +61,13 @@ def spec_from_metadata(meta: dict[str, Any]) -> ModelSpec:
     return ModelSpec.from_dict(values)
 
 
-def is_local(path: str) -> bool:
-    return scheme_of(path) == "file"
-
-
 def local_path(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
 def check_output(path: str) -> None:
     """``ConfigError`` unless ``path`` can become an index folder: new, empty, or an index to replace."""
-    if not is_local(path):
+    if is_remote(path):
         storage_for(path).check_writable(path.rstrip("/") + "/", True)
         return
     folder = local_path(path)
@@ -86,7 +82,7 @@ def check_output(path: str) -> None:
 def staging(path: str) -> Any:
     """A temporary local folder to write an index into: beside a local ``path`` (so a rename publishes it),
     in the temp dir for S3. Removed on error; ``publish(folder, path)`` moves it into place."""
-    parent = os.path.dirname(os.path.abspath(local_path(path).rstrip("/"))) if is_local(path) else None
+    parent = os.path.dirname(os.path.abspath(local_path(path).rstrip("/"))) if not is_remote(path) else None
     if parent:
         os.makedirs(parent, exist_ok=True)
     base = os.path.basename(local_path(path).rstrip("/")) or "index"
@@ -101,7 +97,7 @@ def publish(folder: str, path: str) -> None:
     """Move a complete index folder to ``path``: a rename locally (an older index there is set aside
     first, then removed); on S3 each file is uploaded, ``index.json`` last (replacing an index in place on S3
     is not atomic: a reader may meet old and new files together, so publish a new prefix instead)."""
-    if is_local(path):
+    if not is_remote(path):
         final = local_path(path).rstrip("/")
         parent = os.path.dirname(os.path.abspath(final))
         old = None

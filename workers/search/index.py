@@ -27,7 +27,6 @@ from workers.search.folder import (
     IDS,
     INDEX_VERSION,
     INFO,
-    is_local,
     join,
     local_path,
     make_info,
@@ -37,7 +36,7 @@ from workers.search.folder import (
     write_info,
 )
 from workers.search.plan import METRICS, choose
-from workers.storage import storage_for
+from workers.storage import is_remote, storage_for
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ class SearchIndex:
     def load(cls, path: str, mmap: bool = True) -> SearchIndex:
         """Open an index folder (local or ``s3://``); a local flat index's vectors are memory-mapped
         unless ``mmap`` is False."""
-        local = is_local(path)
+        local = not is_remote(path)
         folder = local_path(path)
         read = (lambda name: read_local(os.path.join(folder, name))) if local else \
             (lambda name: storage_for(path).read(join(path, name)))

@@ -1,12 +1,10 @@
 """S3 storage: ``s3://bucket/key`` through boto3, on AWS or any S3-compatible endpoint (MinIO, Ceph).
 
-The client (one per process, its endpoint, credentials from boto3's chain, botocore's retries) and the
-error mapping are ``workers.storage.s3_client``'s. A body cut off mid-download is read again here.
-
-Errors are converted at this boundary, so the pipeline never sees botocore. Per object: a missing key
-raises ``FileNotFoundError`` and access denied ``PermissionError`` (that image's error row). Everything
-that would fail every object of a shard (no such bucket, invalid or expired credentials, the endpoint
-unreachable after retries) raises ``ShardError``: the shard is retried, then marked failed.
+**One client per process**, made on first use (so after the Celery pool forks, never at import) and
+shared by the pipeline's I/O threads; its endpoint, credentials, retries and the mapping of botocore's
+errors (per object: the image's error row; for the whole store: ``ShardError``) are
+``workers.storage.s3_client``'s, so the pipeline never sees botocore. A body cut off mid-download is read
+again here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The process's S3 client (boto3) and botocore's errors as this package's (``workers.storage.s3`` uses them).
+"""The S3 client (boto3) and botocore's errors as this package's (``workers.storage.s3`` uses them).
 
-- **One client per process**, made on first use (so after the Celery pool forks, never at import) and
-  shared by the pipeline's I/O threads: boto3 clients are thread-safe, and the connection pool is sized
-  for ``BATCHINFER_IO_THREADS`` concurrent GETs.
+- **Connections**: the pool is sized for ``BATCHINFER_IO_THREADS`` concurrent GETs (boto3 clients are
+  thread-safe; ``S3Storage`` keeps one per process).
 - **Endpoint**: ``BATCHINFER_S3_ENDPOINT_URL`` (what ``--s3-endpoint-url`` sets), else boto3's own
   ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; a custom endpoint gets path-style addressing.
 - **Credentials and region** come only from boto3's standard chain (environment, ``~/.aws`` files,
