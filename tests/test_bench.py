@@ -41,10 +41,11 @@ def test_bench_smoke_rows_have_every_field():
 
 
 def test_decode_costs_times_every_installed_step(tmp_path):
-    """``scripts/decode_costs.py``: a row per choice, Pillow's always timed, a library that is missing
-    named as such; the whole shipped decode costs more than its decode step alone."""
+    """``scripts/decode_costs.py``: a row per choice of each step, Pillow's always timed, a library that is
+    missing named as such. (No comparison of the times: on a shared machine a tiny run's CPU seconds can
+    come out in any order; the speeds are the script's to report, not a test's.)"""
     result = subprocess.run(
-        [sys.executable, "scripts/decode_costs.py", "--images", "4", "--rounds", "3", "--size", "320x240",
+        [sys.executable, "scripts/decode_costs.py", "--images", "4", "--rounds", "3", "--size", "640x480",
          "--folder", str(tmp_path / "jpegs")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -52,7 +53,9 @@ def test_decode_costs_times_every_installed_step(tmp_path):
     assert {step for step, _ in rows} == {"decode", "resize", "whole"}
     for row in rows.values():
         assert (row["ms"] is not None and row["ms"] > 0) or row["status"] == "not installed", row
-    assert rows[("whole", "decode_fast (shipped)")]["ms"] > rows[("decode", "Pillow (shipped)")]["ms"]
+    for pillow in [("decode", "Pillow (shipped)"), ("resize", "Pillow bilinear, antialiased (shipped)"),
+                   ("whole", "decode_fast (shipped)")]:
+        assert "status" not in rows[pillow], rows[pillow]
     assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 4
 
 
