@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -27,7 +28,7 @@ from producer.shards import ShardStream
 from producer.sources import Filters, check_sources
 from producer.words import plural
 from workers.confine import check_model
-from workers.contract import ModelSpec, OutputSpec, ShardTask
+from workers.contract import ModelSpec, OutputSpec, ShardList, ShardTask
 from workers.errors import SourceError
 from workers.jobstate import MemoryJobStore
 from workers.settings import Settings
@@ -46,8 +47,8 @@ def run(
     keep = kept_columns(sources, keep_columns, model)
     previous = Previous(skip_unchanged, model) if skip_unchanged else None
     from workers.attempt import run_shard
-    from workers.feed import feeder
-    from workers.models.loader import PredictorCache
+    from workers.feed import feeder, prime_images
+    from workers.models.loader import PredictorCache, input_hw
 
     settings = Settings.from_env()
     roots = settings.allowed_roots  # as a worker would have them: the model and the output are checked first
@@ -58,28 +59,49 @@ def run(
     if total == 0:
         raise SourceError(f"no images found in {' '.join(sources)}")
     cache = PredictorCache(maxsize=1)
-    # the model first: its errors come before any progress bar, and the bar times images only
-    size = cache.get(model).input_hw
     feed = feeder(settings.io_threads)
     store = MemoryJobStore()
     job_id = new_job_id()
     workdir = tempfile.mkdtemp(prefix=f"batchinfer-{job_id}-")
     settings = replace(settings, allowed_roots=roots.extended(workdir))  # its own shard files
     out_spec = OutputSpec(sink="parquet", path=workdir, keep_columns=keep)
-    store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
-    bar = tqdm(desc="run", total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    n_shards = count = reused = 0
     stream = ShardStream(sources, filters, shard_size, keep, previous)
+    bar: tqdm[Any] | None = None
+    n_shards = count = reused = 0
+
+    def task_of(shard: tuple[int, ShardList]) -> ShardTask:
+        return ShardTask(job_id, shard[0], shard[1].uris, model, out_spec, columns=shard[1].columns)
+
     try:
-        upcoming = next(stream, None)
+        # the first shards decode on one thread while the model is built (when its input size is known)
+        ahead: deque[tuple[int, ShardList]] = deque()
+        guess = input_hw(model)
+        if guess is not None:
+            budget = prime_images(guess, model.decode)
+            while budget > 0 and (shard := next(stream, None)) is not None:
+                ahead.append(shard)
+                budget -= 0 if shard[1].carry is not None else len(shard[1].uris)
+            feed.prime([task_of(s) for s in ahead if s[1].carry is None], guess, settings.allowed_roots)
+        try:  # the model first: its errors come before any progress bar, and the bar times images only
+            size = cache.get(model).input_hw
+        finally:
+            feed.ready()
+        if size != guess:  # built at another size than its registry entry said: what was decoded is no use
+            feed.cancel_announced()
+            ahead_ids: set[int] = set()
+        else:
+            ahead_ids = {shard_id for shard_id, _ in ahead}
+        store.create_job(job_id, {"model": asdict(model), "output": asdict(out_spec), "sources": sources})
+        bar = tqdm(desc="run", total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        upcoming = ahead.popleft() if ahead else next(stream, None)
         while upcoming is not None:
             shard_id, listed = upcoming
-            upcoming = next(stream, None)
-            if upcoming is not None and upcoming[1].carry is None:  # it loads while this shard's last batches run
-                feed.announce(ShardTask(job_id, upcoming[0], upcoming[1].uris, model, out_spec,
-                                        columns=upcoming[1].columns), size, settings.allowed_roots)
+            upcoming = ahead.popleft() if ahead else next(stream, None)
+            if upcoming is not None and upcoming[1].carry is None and upcoming[0] not in ahead_ids:
+                # it loads while this shard's last batches run
+                feed.announce(task_of(upcoming), size, settings.allowed_roots)
             store.add_shard(job_id, shard_id, listed.uris)
-            task = ShardTask(job_id, shard_id, listed.uris, model, out_spec, columns=listed.columns)
+            task = task_of((shard_id, listed))
             if listed.carry is not None:  # the worker reads a carry shard's list from the spool, as on a cluster
                 ref = shard_ref(f"{workdir}/{FOLDER}/{job_id}", shard_id)
                 write_shard_list(ref, listed)
@@ -101,7 +123,8 @@ def run(
         rows = collect(store, job_id, output, fmt, allow_partial=allow_partial, progress=False)
     finally:
         feed.cancel_announced()
-        bar.close()
+        if bar is not None:
+            bar.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return job_id, rows
 

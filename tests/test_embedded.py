@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pandas as pd
 
@@ -67,25 +68,66 @@ def test_predictor_cache_is_a_small_lru():
     assert built == ["A", "B", "C", "B"], "A stays warm; B was evicted by C and rebuilt"
 
 
+def _photo_copies(folder, copies: int) -> list[str]:
+    folder.mkdir()
+    for i in range(copies):
+        for photo in PHOTOS.iterdir():
+            (folder / f"{i}{photo.name}").write_bytes(photo.read_bytes())
+    return sorted(str(p) for p in folder.iterdir())
+
+
 def test_run_loads_each_next_shard_while_the_current_one_finishes(tmp_path, monkeypatch):
-    """In-process, with a fake model: every shard after the first was already loading when it started."""
+    """In-process, with a fake model: every shard after the first was already loading when it started.
+    (The model is built at another size than MobileNetV2's registry entry says, so nothing decoded while
+    it was built is used: the run still has every row.)"""
     from producer.embedded import run
     from tests.fakes import FakeCache
     from workers.feed import feeder
     from workers.settings import Settings
 
     monkeypatch.setattr("workers.models.loader.PredictorCache", FakeCache)
-    folder = tmp_path / "in"
-    folder.mkdir()
-    names = sorted(p.name for p in PHOTOS.iterdir())
-    for i in range(3):
-        for name in names:
-            (folder / f"{i}{name}").write_bytes((PHOTOS / name).read_bytes())
+    uris = _photo_copies(tmp_path / "in", 3)
     feed = feeder(Settings.from_env().io_threads)
     before = feed.started_early
-    _, rows = run([str(folder)], ModelSpec(weights="none", batch_size=2), str(tmp_path / "out.parquet"),
+    _, rows = run([str(tmp_path / "in")], ModelSpec(weights="none", batch_size=2), str(tmp_path / "out.parquet"),
                   shard_size=4, progress=False)
-    assert rows == 3 * len(names) == 15
+    assert rows == len(uris) == 15
     assert feed.started_early - before == 3, "shards 1, 2 and 3 of 0..3 started early"
     frame = pd.read_parquet(tmp_path / "out.parquet")
-    assert list(frame["uri"]) == sorted(str(p) for p in folder.iterdir()) and frame["error"].isna().all()
+    assert list(frame["uri"]) == uris and frame["error"].isna().all()
+
+
+def test_run_decodes_the_first_shards_while_the_model_is_built(tmp_path, monkeypatch):
+    """A registry model's input size is known before it is built: the first shards' images decode
+    meanwhile (on one thread), and the run uses them instead of reading them again."""
+    from producer.embedded import run
+    from tests.fakes import SIZE, FakeCache
+    from workers import feed as feed_module
+    from workers.settings import Settings
+
+    feed = feed_module.feeder(Settings.from_env().io_threads)
+    seen: list[bool] = []
+
+    class SlowBuild(FakeCache):
+        def get(self, spec):
+            if not seen:  # the first get is the build: wait (at most 10 s) for shard 0's first batch
+                first = feed._announced[0].pending[0] if feed._announced else []
+                deadline = time.monotonic() + 10
+                while first and not all(f.done() for f in first) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen.append(bool(first) and all(f.done() and f.result().error is None for f in first))
+            return super().get(spec)
+
+    loads: list[str] = []
+    real_load = feed_module.load
+    monkeypatch.setattr(feed, "_load_image", lambda uri, *a: loads.append(uri) or real_load(uri, *a))
+    monkeypatch.setattr("workers.models.loader.PredictorCache", SlowBuild)
+    uris = _photo_copies(tmp_path / "in", 3)
+    before = feed.started_early
+    _, rows = run([str(tmp_path / "in")], ModelSpec(weights="none", batch_size=2, input_shape=SIZE),
+                  str(tmp_path / "out.parquet"), shard_size=4, progress=False)
+    assert seen == [True], "shard 0's first batch was decoded before the model was ready"
+    assert feed.started_early - before == 4, "every shard, the first one too, started early"
+    assert sorted(loads) == uris, "each image was read once"
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert rows == 15 and list(frame["uri"]) == uris and frame["error"].isna().all()

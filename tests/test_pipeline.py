@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,3 +151,54 @@ def test_error_rows_are_unchanged(tmp_path):
     assert [r["error"] for r in table][0::3] == [None, None]
     assert table[1]["error"] == "file not found" and "not an image" in table[2]["error"]
     assert table[0]["label"] == "a" and table[1]["label"] is None
+
+
+def test_prime_loads_one_image_at_a_time_within_its_budget_until_ready(tmp_path):
+    """While the model is built, primed loads run on one thread, up to ``limit_bytes`` of images (whole
+    batches); after ``ready()`` the pool's threads all work again and the primed images are used."""
+    lock = threading.Lock()
+    loaded: list[str] = []
+    running = [0, 0]  # now, most at once
+
+    def load(uri: str, decode, size) -> Loaded:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+            loaded.append(uri)
+        return Loaded(uri, Decoded(np.zeros((*size, 3), np.uint8), 32, 24), None, 0.0)
+
+    a = _task(tmp_path, 0, [f"a{i}" for i in range(8)])  # 2 batches of 4
+    b = _task(tmp_path, 1, [f"b{i}" for i in range(8)])
+    with ThreadPoolExecutor(4) as pool:
+        feed = Feeder(pool, prefetch=1, load_image=load)
+        image_bytes = SIZE[0] * SIZE[1] * 3
+        feed.prime([a, b], SIZE, limit_bytes=10 * image_bytes)  # 10 images: a's 2 batches and b's first
+        deadline = time.monotonic() + 10
+        while len(loaded) < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert sorted(loaded) == sorted(a.uris + b.uris[:4]), "whole batches, up to the budget, nothing more"
+        assert running[1] == 1, "one load at a time while the model is built"
+        feed.ready()
+        process_shard(a, FakePredictor(), Settings(), feed=feed)
+        process_shard(b, FakePredictor(), Settings(), feed=feed)
+    assert running[1] > 1, "after ready() the loads run on several threads"
+    assert sorted(loaded) == sorted(a.uris + b.uris), "every image loaded once"
+    assert feed.started_early == 2 and _rows(tmp_path, a) == a.uris and _rows(tmp_path, b) == b.uris
+
+
+def test_a_shard_runs_whatever_unclaimed_loads_hold(tmp_path):
+    """Loads announced for a shard that never runs (primed at a size the model was not built at) do not
+    take the running shard's places in the prefetch window: it still gets every batch."""
+    with ThreadPoolExecutor(2) as pool:
+        feed = Feeder(pool, prefetch=1, load_image=_fake_load([], threading.Lock()))
+        stale = _task(tmp_path, 0, [f"s{i}" for i in range(12)])
+        feed.prime([stale], (8, 8))  # 3 batches in flight, never claimed
+        feed.ready()
+        a = _task(tmp_path, 1, [f"a{i}" for i in range(10)])
+        result = process_shard(a, FakePredictor(), Settings(), feed=feed)
+        feed.cancel_announced()
+    assert result.images == 10 and _rows(tmp_path, a) == a.uris

@@ -28,6 +28,7 @@ from workers.storage import storage_for
 from workers.storage.base import FileInfo
 
 PREFETCH = 2  # batches in flight beyond the one the model is given
+PRIME_BYTES = 256 << 20  # decoded images ``Feeder.prime`` may hold before the model takes them
 
 
 @dataclass
@@ -123,6 +124,12 @@ def shard_loads(task: Any, size: tuple[int, int], load_image: Load = load, roots
     return ShardLoads(key, task.uris, task.model.batch_size, load_one)
 
 
+def prime_images(size: tuple[int, int], decode: str, limit_bytes: int = PRIME_BYTES) -> int:
+    """How many images of ``size`` decoded by ``decode`` fit in ``limit_bytes`` (``Feeder.prime``)."""
+    itemsize = 4 if decode == "keras" else 1  # keras mode decodes to float32
+    return max(1, limit_bytes // (size[0] * size[1] * 3 * itemsize))
+
+
 class Feeder:
     """Batches of loaded images for one shard after another, through one long-lived ``pool``.
 
@@ -138,11 +145,49 @@ class Feeder:
         self._announced: deque[ShardLoads] = deque()
         self._lock = threading.Lock()
         self.started_early = 0  # announced shards that were already loading when they ran
+        self._gate = threading.Condition()  # while priming: one load at a time
+        self._priming = False
+        self._running = 0
 
     def announce(self, task: Any, size: tuple[int, int], roots: Roots = ANYWHERE) -> None:
         """``task`` runs after the shards running or announced now."""
         with self._lock:
-            self._announced.append(shard_loads(task, size, self._load_image, roots))
+            self._announced.append(shard_loads(task, size, self._load, roots))
+
+    def prime(self, tasks: Sequence[Any], size: tuple[int, int], roots: Roots = ANYWHERE,
+              limit_bytes: int = PRIME_BYTES) -> None:
+        """Announce ``tasks`` (the first to run) and start loading them now, one image at a time, up to
+        ``limit_bytes`` of decoded images, while the model is still being built: building it keeps about
+        one core busy, and what decodes on the other is decode the model will not wait for. ``ready()``
+        ends it (call it in a ``finally``: until then the pool's other threads wait)."""
+        budget = prime_images(size, tasks[0].model.decode, limit_bytes) if tasks else 0
+        with self._gate:
+            self._priming = True
+        for task in tasks:
+            self.announce(task, size, roots)
+        with self._lock:
+            for loads in self._announced:
+                while budget > 0 and not loads.all_submitted:
+                    budget -= min(loads.batch_size, len(loads.uris) - loads.next)
+                    loads.submit_batch(self.pool)
+
+    def ready(self) -> None:
+        """The model is built: loads run on every thread again (the end of ``prime``)."""
+        with self._gate:
+            self._priming = False
+            self._gate.notify_all()
+
+    def _load(self, uri: str, decode: Callable[[bytes, tuple[int, int]], Decoded], size: tuple[int, int]) -> Loaded:
+        with self._gate:
+            while self._priming and self._running:
+                self._gate.wait()
+            self._running += 1
+        try:
+            return self._load_image(uri, decode, size)
+        finally:
+            with self._gate:
+                self._running -= 1
+                self._gate.notify()
 
     def cancel_announced(self) -> None:
         """The announced shards will not run (the run stopped): stop loading them."""
@@ -153,7 +198,7 @@ class Feeder:
     def batches(self, task: Any, size: tuple[int, int],
                 roots: Roots = ANYWHERE) -> Generator[list[Loaded], None, None]:
         """Yield ``task``'s loaded batches in order; stopping early cancels its loads not yet started."""
-        loads = self._claim(shard_loads(task, size, self._load_image, roots))
+        loads = self._claim(shard_loads(task, size, self._load, roots))
         try:
             while True:
                 self._top_up(loads)
@@ -181,8 +226,8 @@ class Feeder:
         with self._lock:
             queue = [loads, *self._announced]
             in_flight = sum(len(q.pending) for q in queue)
-            for q in queue:
-                while in_flight <= self.prefetch and not q.all_submitted:
+            for q in queue:  # the running shard always gets a batch, whatever others hold
+                while (in_flight <= self.prefetch or (q is loads and not q.pending)) and not q.all_submitted:
                     q.submit_batch(self.pool)
                     in_flight += 1
 

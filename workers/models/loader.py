@@ -60,6 +60,19 @@ class _Graph:
     preprocess_name: str = "none"
 
 
+def input_hw(spec: ModelSpec) -> tuple[int, int] | None:
+    """The input size a registry model will be built at, before it is built (``batchinfer run`` decodes
+    meanwhile); None where only the build can tell: a model file, or feature layers (head layers exist
+    only at the trained size)."""
+    if spec.model_path or spec.layers:
+        return None
+    try:
+        arch = get_architecture(spec.name)
+    except ConfigError:
+        return None  # the build says why
+    return spec.input_shape or (arch.default_size, arch.default_size)
+
+
 def _registry_graph(spec: ModelSpec) -> _Graph:
     arch = get_architecture(spec.name)
     refs = [resolve_layer(arch, layer) for layer in spec.layers]
