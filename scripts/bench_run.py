@@ -189,6 +189,8 @@ def main() -> None:
         model_only(args.model, args.images, args.batch_size)
         return
 
+    from workers.decode import pillow_build  # which build decodes (scripts/pillow_simd.sh)
+
     width, height = (int(v) for v in args.size.lower().split("x"))
     base = Path(args.folder or Path(tempfile.gettempdir()) / f"batchinfer-bench-{args.size}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -203,7 +205,8 @@ def main() -> None:
                           "batch_size": args.batch_size, "shard_size": args.shard_size,
                           "images_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
                           "device_bound_images_per_s": round(ideal, 1),
-                          "ratio": round(statistics.median(rates) / ideal, 3), "cpus": os.cpu_count()}))
+                          "ratio": round(statistics.median(rates) / ideal, 3), "cpus": os.cpu_count(),
+                          "pillow": pillow_build()}))
         return
     counts = [args.images] + ([args.steady] if args.steady else [])
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
@@ -244,7 +247,7 @@ def main() -> None:
             "end_to_end_marginal_images_per_s": round(run_marginal, 1),
             "steady_ratio": round(run_marginal / model_marginal, 3),
         })
-    result.update({"cpus": os.cpu_count(), "machine": platform.machine()})
+    result.update({"cpus": os.cpu_count(), "machine": platform.machine(), "pillow": pillow_build()})
     print(json.dumps(result))
 
 
