@@ -11,7 +11,8 @@ OpenCV's area resize and its Gaussian pyramid step), then the whole ``decode_fas
 process (``time.process_time``; OpenCV held to one thread), the median over ``--rounds`` passes with
 the choices interleaved. This answers "how fast could a decode be here", not "is it faithful": that is
 ``scripts/fidelity.py``. simplejpeg and OpenCV are not dependencies; rows for a library that is not
-installed say so.
+installed say so. "Pillow" is the build this process imports (``PYTHONPATH=.simd`` for Pillow-SIMD, which
+``scripts/pillow_simd.sh --target .simd`` builds); each row says which.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_run import make_jpegs  # noqa: E402
 
-from workers.decode import RESAMPLE, decode_fast  # noqa: E402
+from workers.decode import RESAMPLE, decode_fast, pillow_build  # noqa: E402
 
 OUT = (224, 224)
 
@@ -134,11 +135,12 @@ def main() -> None:
     make_jpegs(folder, args.images, (width, height))
     images = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
     rows = measure(images, args.rounds)
+    build = pillow_build()  # "Pillow" in the rows is this build (Pillow-SIMD: scripts/pillow_simd.sh)
     if not args.markdown:
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps({**row, "pillow": build}))
         return
-    print(f"| step | choice | CPU ms per {width}x{height} JPEG |\n|---|---|---|")
+    print(f"{build}:\n\n| step | choice | CPU ms per {width}x{height} JPEG |\n|---|---|---|")
     for row in rows:
         print(f"| {row['step']} | {row['choice']} | {row['ms'] if row['ms'] is not None else row['status']} |")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT, _env
+from workers.decode import pillow_build
 
 
 def test_bench_smoke_rows_have_every_field():
@@ -56,6 +57,7 @@ def test_decode_costs_times_every_installed_step(tmp_path):
     for pillow in [("decode", "Pillow (shipped)"), ("resize", "Pillow bilinear, antialiased (shipped)"),
                    ("whole", "decode_fast (shipped)")]:
         assert "status" not in rows[pillow], rows[pillow]
+    assert {r["pillow"] for r in rows.values()} == {pillow_build()}, "the rows say which Pillow build ran"
     assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 4
 
 
