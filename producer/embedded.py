@@ -78,9 +78,9 @@ def run(
         guess = input_hw(model)
         if guess is not None:
             budget = prime_images(guess, model.decode)
-            while budget > 0 and (shard := next(stream, None)) is not None:
+            while budget > 0 and (shard := next(stream, None)) is not None:  # carry shards count: bounded look-ahead
                 ahead.append(shard)
-                budget -= 0 if shard[1].carry is not None else len(shard[1].uris)
+                budget -= len(shard[1].uris)
             feed.prime([task_of(s) for s in ahead if s[1].carry is None], guess, settings.allowed_roots)
         try:  # the model first: its errors come before any progress bar, and the bar times images only
             size = cache.get(model).input_hw

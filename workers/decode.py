@@ -38,6 +38,8 @@ _TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5:
 _ROTATIONS = {_T.TRANSPOSE, _T.ROTATE_270, _T.TRANSVERSE, _T.ROTATE_90}  # width and height swap
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when reducing, as every Pillow filter but NEAREST
 
+_TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
 
 def pillow_build() -> str:
     """``"Pillow-SIMD 12.1.1.post0"`` or ``"Pillow 13.0.0"``: the distribution the imported ``PIL`` came
@@ -53,8 +55,6 @@ def pillow_build() -> str:
         if os.path.realpath(str(dist.locate_file("PIL/__init__.py"))) == here:
             return f"{label} {dist.version}"
     return f"Pillow {PIL.__version__}"
-
-_TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
 @dataclass
