@@ -73,9 +73,10 @@ def run(
         return ShardTask(job_id, shard[0], shard[1].uris, model, out_spec, columns=shard[1].columns)
 
     try:
-        # the first shards decode on one thread while the model is built (when its input size is known)
+        # the first shards decode on one thread while the model is built (when its input size is known; not
+        # in keras mode, whose decoder imports Keras: two threads importing TensorFlow at once can deadlock)
         ahead: deque[tuple[int, ShardList]] = deque()
-        guess = input_hw(model)
+        guess = input_hw(model) if model.decode != "keras" else None
         if guess is not None:
             budget = prime_images(guess, model.decode)
             while budget > 0 and (shard := next(stream, None)) is not None:  # carry shards count: bounded look-ahead

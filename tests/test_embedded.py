@@ -131,3 +131,29 @@ def test_run_decodes_the_first_shards_while_the_model_is_built(tmp_path, monkeyp
     assert sorted(loads) == uris, "each image was read once"
     frame = pd.read_parquet(tmp_path / "out.parquet")
     assert rows == 15 and list(frame["uri"]) == uris and frame["error"].isna().all()
+
+
+def test_run_in_keras_mode_does_not_decode_while_the_model_is_built(tmp_path, monkeypatch):
+    """``--decode keras`` imports Keras in the decode threads; TensorFlow imported from two threads at once
+    can deadlock (it did, in CI), so keras mode waits for the model."""
+    from producer.embedded import run
+    from tests.fakes import SIZE, FakeCache
+    from workers.feed import feeder
+    from workers.settings import Settings
+
+    feed = feeder(Settings.from_env().io_threads)
+    announced_at_build: list[int] = []
+
+    class Build(FakeCache):
+        def get(self, spec):
+            announced_at_build.append(len(feed._announced))
+            return super().get(spec)
+
+    monkeypatch.setattr("workers.models.loader.PredictorCache", Build)
+    uris = _photo_copies(tmp_path / "in", 3)
+    before = feed.started_early
+    _, rows = run([str(tmp_path / "in")], ModelSpec(weights="none", batch_size=2, input_shape=SIZE, decode="keras"),
+                  str(tmp_path / "out.parquet"), shard_size=4, progress=False)
+    assert announced_at_build[0] == 0, "nothing was loading while the model was built"
+    assert feed.started_early - before == 3, "shards 1, 2 and 3 still load while the one before them runs"
+    assert rows == len(uris) == 15

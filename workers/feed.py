@@ -21,6 +21,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from workers.confine import ANYWHERE, OUTSIDE, Roots
 from workers.decode import DECODERS, Decoded, keep_encoded
 from workers.errors import ConfigError, DecodeError, ShardError
@@ -159,8 +161,17 @@ class Feeder:
         """Announce ``tasks`` (the first to run) and start loading them now, one image at a time, up to
         ``limit_bytes`` of decoded images, while the model is still being built: building it keeps about
         one core busy, and what decodes on the other is decode the model will not wait for. ``ready()``
-        ends it (call it in a ``finally``: until then the pool's other threads wait)."""
+        ends it (call it in a ``finally``: until then the pool's other threads wait). Not for ``keras``
+        mode, whose decoder imports Keras."""
         budget = prime_images(size, tasks[0].model.decode, limit_bytes) if tasks else 0
+        # what the loads import, imported here: the model's build imports TensorFlow meanwhile, and imports on
+        # two threads at once can deadlock (Python's module locks and TensorFlow's circular imports)
+        Image.init()
+        for task in tasks:
+            try:
+                storage_for(task.uris[0])
+            except Exception:  # noqa: BLE001 - no storage for it: its loads say so, where they always did
+                pass
         with self._gate:
             self._priming = True
         for task in tasks:
