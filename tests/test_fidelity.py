@@ -3,21 +3,13 @@ full-resolution decode resized with the same filter on at least 99 % of real pho
 
 from __future__ import annotations
 
-import importlib.util
 import io
 
-from tests.conftest import ROOT
-
-
-def _fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "scripts" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import ROOT, script
 
 
 def test_fast_decode_top1_agrees_with_full_decode():
-    fidelity = _fidelity()
+    fidelity = script("fidelity")
     result = fidelity.measure(seeds=(0, 1))
     assert result["images"] >= 150, "the photo set is built from the wheels' samples"
     assert result["fast_vs_full"] >= 0.99, result
@@ -29,7 +21,7 @@ def test_fast_decode_top1_agrees_with_full_decode():
 def test_float_reference_differs_from_the_full_decode_by_rounding_only():
     from workers.decode import decode_fast
 
-    fidelity = _fidelity()
+    fidelity = script("fidelity")
     for jpeg in fidelity.photo_set(0)[:10]:
         full = decode_fast(jpeg, (224, 224), dct_scaling=False).array.astype(int)
         floating = fidelity.float_reference(jpeg, (224, 224)).astype(int)
@@ -45,7 +37,7 @@ def test_folder_set_rescales_photos_and_reads_their_class_from_the_wordnet_id(tm
     photo.save(tmp_path / "n02123045_tabby.JPEG")  # class 281 of the ImageNet index
     photo.resize((300, 200)).save(tmp_path / "my_cat.png")
     (tmp_path / "notes.txt").write_text("not a photo")
-    data, truth = _fidelity().folder_set(tmp_path, long_side=1024)
+    data, truth = script("fidelity").folder_set(tmp_path, long_side=1024)
     assert truth == [None, 281]  # my_cat.png, n02123045_tabby.JPEG: sorted by name
     sizes = [Image.open(io.BytesIO(d)) for d in data]
     assert all(img.format == "JPEG" and max(img.size) == 1024 for img in sizes)
@@ -56,7 +48,7 @@ def test_compare_decodes_counts_agreement_error_rows_and_accuracy():
 
     from workers.decode import decode_fast
 
-    fidelity = _fidelity()
+    fidelity = script("fidelity")
     images = fidelity.photo_set(0)[:6]
     decoded = [decode_fast(d, (224, 224)).array for d in images]
     decoded[1] = None  # an error row: left out of the comparison

@@ -10,7 +10,6 @@ packages that fail when imported: neither needs a model. The unit tests check th
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import PHOTOS, ROOT, assert_one_line_error
+from tests.conftest import PHOTOS, ROOT, assert_one_line_error, script
 from workers.errors import ConfigError
 from workers.schema import output_schema, read_job_metadata, with_job_metadata
 from workers.search import plan
@@ -32,13 +31,6 @@ from workers.search.build import recall_at
 from workers.search.index import SearchIndex
 
 GiB, MiB = 1 << 30, 1 << 20
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def batchinfer(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -138,7 +130,7 @@ def test_save_load_round_trip_keeps_uris_kept_columns_model_and_vectors(tmp_path
 def test_compressed_index_within_a_small_budget_reaches_the_recall(tmp_path):
     """The approximate path on 30,000 pooled-CNN-like vectors (see scripts/bench_index.py), with a budget that
     holds IVF-SQ8 but not the exact index."""
-    bench = _script("bench_index")
+    bench = script("bench_index")
     data = bench.Synthetic(30_000, dim=512, chunk=5_000)
     kinds = {p.kind: p for p in plan.candidates(30_000, 512)}
     sq8 = kinds["ivf-sq8"]
@@ -172,7 +164,7 @@ def job(tmp_path_factory):
     photos.mkdir()
     for path in sorted(PHOTOS.iterdir()):
         shutil.copy(path, photos / path.name)
-    for i, image in enumerate(_script("fidelity").source_photos()[len(list(PHOTOS.iterdir())):]):
+    for i, image in enumerate(script("fidelity").source_photos()[len(list(PHOTOS.iterdir())):]):
         image.save(photos / f"sample{i:02d}.jpg", quality=92)
     (photos / "broken.jpg").write_text("not a picture")
     names = sorted(p.name for p in photos.iterdir())
@@ -272,7 +264,7 @@ def _features_file(path: Path, columns: dict[str, np.ndarray], errors: dict[int,
 
 
 def test_a_compressed_index_by_the_command_line(cli, tmp_path):
-    vectors = _script("bench_index").Synthetic(5000, dim=64).rows(0, 5000)
+    vectors = script("bench_index").Synthetic(5000, dim=64).rows(0, 5000)
     _features_file(tmp_path / "big.parquet", {"features": vectors}, errors={7: "truncated file"})
     built = cli("index", str(tmp_path / "big.parquet"), "-o", str(tmp_path / "idx"), "--kind", "ivf-sq8", "-q")
     assert built.returncode == 0, built.stderr

@@ -4,7 +4,6 @@ into ``.simd/`` (``.ci/run``) and runs the decode tests on it too (``scripts/tes
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script
 from workers.decode import decode_fast, pillow_build
 
 SIMD = ROOT / ".simd"
@@ -30,15 +29,8 @@ print(pillow_build())
 """
 
 
-def _fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "scripts" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pillow_simd_decodes_as_pillow_does(tmp_path):
-    fidelity = _fidelity()
+    fidelity = script("fidelity")
     jpegs = fidelity.photo_set(0) + fidelity.photo_set(1) + fidelity.camera_jpegs(16)
     np.savez(tmp_path / "in.npz", **{f"j{i}": np.frombuffer(j, np.uint8) for i, j in enumerate(jpegs)})
     env = {**os.environ, "PYTHONPATH": f"{SIMD}{os.pathsep}{ROOT}"}
