@@ -24,8 +24,9 @@ if [ $# -gt 0 ]; then
 fi
 
 PACKAGES="gcc libc6-dev libjpeg62-turbo-dev zlib1g-dev libwebp-dev libtiff-dev liblcms2-dev"
-missing=$(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' $PACKAGES 2>/dev/null | awk '$1 == "ii" {print $2}' \
-  | sort | comm -13 - <(tr ' ' '\n' <<<"$PACKAGES" | sort) | tr '\n' ' ')
+# dpkg-query exits 1 when a package was never installed: that is the case looked for, not a failure
+missing=$({ dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' $PACKAGES 2>/dev/null || true; } \
+  | awk '$1 == "ii" {print $2}' | sort | comm -13 - <(tr ' ' '\n' <<<"$PACKAGES" | sort) | tr '\n' ' ')
 if [ -n "$missing" ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "$0: needs a C compiler and image libraries' headers: apt-get install $missing" >&2
