@@ -332,6 +332,24 @@ def test_run_matches_tensorflow_without_importing_it(backend, tensorflow_rows, t
 
 
 @needs("jax")
+def test_jax_takes_gpu_memory_as_it_needs_it(tripwire, keras_home):
+    """XLA preallocates 75 % of a GPU at start; a worker turns that off (as TensorFlow's memory growth) so that
+    several processes, or the model and ``--decode gpu``'s torchvision, share a card, unless the user said."""
+    code = ("import os; from workers.models import backends; backends.load(); "
+            "import jax; print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), jax.__name__)")
+    env = {**os.environ, **backend_env("jax", tripwire, keras_home)}
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    for given, want in ((None, "false jax"), ("true", "true jax")):
+        if given:
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = given
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.split() == want.split()
+    assert not tripwire[1].exists(), tripwire[1].read_text()
+
+
+@needs("jax")
 def test_own_model_files_on_jax_without_tensorflow(tripwire, keras_home, tmp_path):
     """.keras and legacy .h5 models run (Keras's deserialisation of a .h5 would import TensorFlow to look for
     its ``TensorShape``, were it not kept out); a SavedModel is one line."""

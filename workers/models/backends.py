@@ -90,12 +90,17 @@ def install_hint() -> str:
 
 @lru_cache(maxsize=1)
 def load() -> str:
-    """Import the backend's framework (quietly) and Keras, once per process; return the backend's name."""
+    """Import the backend's framework (quietly) and Keras, once per process; return the backend's name.
+    On a GPU each takes memory as it needs it (TensorFlow's memory growth, JAX without XLA's preallocation,
+    PyTorch's caching allocator), so several workers, or a worker and ``--decode gpu``'s torchvision, share
+    a card; ``XLA_PYTHON_CLIENT_PREALLOCATE=true`` in the environment restores XLA's default."""
     name = check()
     module = BACKENDS[name][0]
     if name == "tensorflow":
         tensorflow()
     else:
+        if name == "jax":  # as TensorFlow's memory growth: no 75 % of the card taken at start (XLA's default)
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         with quiet_startup():  # jaxlib logs through absl before absl is initialised, as TensorFlow does
             importlib.import_module(module)
         tensorflow_kept_out()
