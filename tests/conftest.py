@@ -23,6 +23,10 @@ from tests.s3_server import s3, s3_endpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"
+BIN = Path(sys.executable).parent
+# argparse names the subcommand
+ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect|index|search))?: error: ")
+NOBODY = 65534  # the unprivileged user a test runs a command as, when the tests run as root
 
 
 def script(name: str) -> Any:
@@ -32,10 +36,6 @@ def script(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-BIN = Path(sys.executable).parent
-# argparse names the subcommand
-ERROR_LINE = re.compile(r"^batchinfer( (run|submit|status|collect|index|search))?: error: ")
-NOBODY = 65534  # the unprivileged user a test runs a command as, when the tests run as root
 
 
 def free_port() -> int:

@@ -99,7 +99,7 @@ def load() -> str:
     if name == "tensorflow":
         tensorflow()
     else:
-        if name == "jax":  # as TensorFlow's memory growth: no 75 % of the card taken at start (XLA's default)
+        if name == "jax":  # XLA's default takes 75 % of the card at start
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         with quiet_startup():  # jaxlib logs through absl before absl is initialised, as TensorFlow does
             importlib.import_module(module)
